@@ -1,0 +1,310 @@
+// Package config holds berth's configuration: the YAML file, its embedded
+// default, and the BERTH_* environment and command-line overrides.
+package config
+
+import (
+	"bytes"
+	_ "embed"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+//go:embed default.yaml
+var defaultYAML []byte
+
+// DefaultYAML is the embedded default configuration, as `berth config default` prints it.
+func DefaultYAML() []byte { return bytes.Clone(defaultYAML) }
+
+// DockerHub is the name clients use for Docker Hub; containerd also sends
+// the endpoint host in ?ns=, which Canonical folds into it.
+const DockerHub = "docker.io"
+
+// Config is berth's whole configuration.
+type Config struct {
+	Listen          string              `yaml:"listen"`
+	Data            string              `yaml:"data"`
+	Log             Log                 `yaml:"log"`
+	Cache           Cache               `yaml:"cache"`
+	Upstreams       map[string]Upstream `yaml:"upstreams"`
+	DefaultUpstream string              `yaml:"default_upstream"`
+	TagTTL          Duration            `yaml:"tag_ttl"`
+	StaleTimeout    Duration            `yaml:"stale_timeout"`
+	ShutdownTimeout Duration            `yaml:"shutdown_timeout"`
+	S3              S3                  `yaml:"s3"`
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string `yaml:"level"`
+	Format string `yaml:"format"`
+}
+
+// Cache is the local disk budget.
+type Cache struct {
+	Size          Size    `yaml:"size"`
+	HighWatermark float64 `yaml:"high_watermark"`
+	LowWatermark  float64 `yaml:"low_watermark"`
+}
+
+// Upstream is one registry berth may fetch from.
+type Upstream struct {
+	URL                string `yaml:"url"`
+	Username           string `yaml:"username"`
+	Password           string `yaml:"password"`
+	CAFile             string `yaml:"ca_file"`
+	InsecureSkipVerify bool   `yaml:"insecure_skip_verify"`
+}
+
+// S3 is the fleet-wide shared tier; an empty Bucket disables it.
+type S3 struct {
+	Bucket    string   `yaml:"bucket"`
+	Prefix    string   `yaml:"prefix"`
+	Region    string   `yaml:"region"`
+	Endpoint  string   `yaml:"endpoint"`
+	PathStyle bool     `yaml:"path_style"`
+	LeaseTTL  Duration `yaml:"lease_ttl"`
+}
+
+// String never shows credentials, so a Config can be logged.
+func (u Upstream) String() string {
+	s := u.URL
+	if u.Username != "" {
+		s += " (user " + u.Username + ")"
+	}
+	return s
+}
+
+// Default returns the embedded default configuration.
+func Default() *Config {
+	c, err := parse(defaultYAML, nil, "embedded default")
+	if err != nil {
+		panic("config: embedded default is invalid: " + err.Error())
+	}
+	return c
+}
+
+// Load reads the file at path over the embedded default. Unknown keys and
+// malformed values are errors that name the file and line.
+func Load(path string) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return parse(b, Default(), path)
+}
+
+func parse(b []byte, base *Config, name string) (*Config, error) {
+	c := &Config{}
+	if base != nil {
+		*c = *base
+		// A file's upstreams replace the default's rather than merge into it:
+		// an operator who lists upstreams means exactly those.
+		c.Upstreams = nil
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(b))
+	dec.KnownFields(true)
+	// io.EOF: an empty file sets nothing.
+	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("config %s: %s", name, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	if c.Upstreams == nil && base != nil {
+		c.Upstreams = cloneUpstreams(base.Upstreams)
+	}
+	if c.Data == "" {
+		c.Data = DefaultDataDir()
+	}
+	return c, nil
+}
+
+func cloneUpstreams(m map[string]Upstream) map[string]Upstream {
+	out := make(map[string]Upstream, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// DefaultDataDir is /var/lib/berth for root, the user's cache directory otherwise.
+func DefaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/berth"
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "berth")
+	}
+	return filepath.Join(os.TempDir(), "berth")
+}
+
+// Clone returns a deep copy.
+func (c *Config) Clone() *Config {
+	n := *c
+	n.Upstreams = cloneUpstreams(c.Upstreams)
+	return &n
+}
+
+// Validate checks values that parse but make no sense together.
+func (c *Config) Validate() error {
+	var errs []string
+	add := func(format string, a ...any) { errs = append(errs, fmt.Sprintf(format, a...)) }
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		add("listen: %q is not HOST:PORT", c.Listen)
+	}
+	if c.Data == "" {
+		add("data: must name a directory")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "warning", "error":
+	default:
+		add("log.level: %q is not one of debug, info, warn, error", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		add("log.format: %q is not text or json", c.Log.Format)
+	}
+	if c.Cache.Size <= 0 {
+		add("cache.size: must be positive")
+	}
+	if !(c.Cache.LowWatermark > 0 && c.Cache.LowWatermark < c.Cache.HighWatermark && c.Cache.HighWatermark <= 1) {
+		add("cache: need 0 < low_watermark (%g) < high_watermark (%g) <= 1", c.Cache.LowWatermark, c.Cache.HighWatermark)
+	}
+	if len(c.Upstreams) == 0 {
+		add("upstreams: at least one upstream is required")
+	}
+	for _, host := range c.UpstreamHosts() {
+		u := c.Upstreams[host]
+		if err := validHost(host); err != nil {
+			add("upstreams: %q: %v", host, err)
+		}
+		pu, err := url.Parse(u.URL)
+		if err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+			add("upstreams.%s.url: %q is not an http:// or https:// URL", host, u.URL)
+		}
+		if u.CAFile != "" {
+			if _, err := os.Stat(u.CAFile); err != nil {
+				add("upstreams.%s.ca_file: %v", host, err)
+			}
+		}
+	}
+	if _, ok := c.Upstreams[c.DefaultUpstream]; !ok && len(c.Upstreams) > 0 {
+		add("default_upstream: %q is not one of the upstreams (%s)", c.DefaultUpstream, strings.Join(c.UpstreamHosts(), ", "))
+	}
+	if c.TagTTL < 0 {
+		add("tag_ttl: must not be negative")
+	}
+	if c.StaleTimeout <= 0 {
+		add("stale_timeout: must be positive")
+	}
+	if c.ShutdownTimeout < 0 {
+		add("shutdown_timeout: must not be negative")
+	}
+	if c.S3.Bucket != "" {
+		if c.S3.Region == "" {
+			add("s3.region: required with s3.bucket")
+		}
+		if c.S3.Endpoint != "" {
+			if pu, err := url.Parse(c.S3.Endpoint); err != nil || pu.Scheme == "" || pu.Host == "" {
+				add("s3.endpoint: %q is not a URL", c.S3.Endpoint)
+			}
+		}
+		if c.S3.LeaseTTL <= 0 {
+			add("s3.lease_ttl: must be positive")
+		}
+	}
+	if len(errs) > 0 {
+		return errors.New("invalid configuration: " + strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func validHost(h string) error {
+	if h == "" || strings.ContainsAny(h, "/ ") || strings.ToLower(h) != h {
+		return errors.New("not a registry host name (lower case, no slashes)")
+	}
+	return nil
+}
+
+// UpstreamHosts returns the configured registry names, sorted.
+func (c *Config) UpstreamHosts() []string {
+	hosts := make([]string, 0, len(c.Upstreams))
+	for h := range c.Upstreams {
+		hosts = append(hosts, h)
+	}
+	sort.Strings(hosts)
+	return hosts
+}
+
+// Duration is a time.Duration written as "30s" or "5m" in YAML.
+type Duration time.Duration
+
+// D returns the value as a time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// UnmarshalYAML reports a bad duration with its line.
+func (d *Duration) UnmarshalYAML(n *yaml.Node) error {
+	v, err := time.ParseDuration(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %q is not a duration (like 30s, 5m, 1h)", n.Line, n.Value)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalYAML writes the duration as text.
+func (d Duration) MarshalYAML() (any, error) { return d.String(), nil }
+
+// Size is a byte count written as 1048576, 512MiB, 20GiB or 1.5GB in YAML.
+type Size int64
+
+// UnmarshalYAML reports a bad size with its line.
+func (s *Size) UnmarshalYAML(n *yaml.Node) error {
+	v, err := ParseSize(n.Value)
+	if err != nil {
+		return fmt.Errorf("line %d: %v", n.Line, err)
+	}
+	*s = Size(v)
+	return nil
+}
+
+// MarshalYAML writes the size as a plain byte count.
+func (s Size) MarshalYAML() (any, error) { return int64(s), nil }
+
+var sizeUnits = []struct {
+	suffix string
+	mult   float64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40},
+	{"B", 1},
+}
+
+// ParseSize parses a byte count with an optional unit (KiB, MiB, GiB, TiB, KB, MB, GB, TB).
+func ParseSize(s string) (int64, error) {
+	t := strings.TrimSpace(s)
+	mult := 1.0
+	for _, u := range sizeUnits {
+		if strings.HasSuffix(t, u.suffix) {
+			t, mult = strings.TrimSpace(strings.TrimSuffix(t, u.suffix)), u.mult
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(t, 64)
+	if err != nil || f < 0 || f*mult > 1<<62 {
+		return 0, fmt.Errorf("%q is not a size (like 1073741824, 512MiB, 20GiB)", s)
+	}
+	return int64(f * mult), nil
+}

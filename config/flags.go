@@ -1,0 +1,174 @@
+package config
+
+import (
+	"flag"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// A setting is one key that a flag and a BERTH_* variable can override.
+// Keeping flag, variable and help in one table keeps `--help` and the
+// documentation true to what the code reads.
+type setting struct {
+	flag, env, usage string
+	repeat           bool // --upstream may be given many times; its variable is comma-separated
+	set              func(c *Config, v string) error
+}
+
+func durationSetting(dst func(c *Config) *Duration) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		d, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("%q is not a duration (like 30s, 5m, 1h)", v)
+		}
+		*dst(c) = Duration(d)
+		return nil
+	}
+}
+
+func stringSetting(dst func(c *Config) *string) func(*Config, string) error {
+	return func(c *Config, v string) error { *dst(c) = v; return nil }
+}
+
+var settings = []setting{
+	{flag: "listen", env: "BERTH_LISTEN", usage: "`ADDR` to listen on (default 127.0.0.1:5000)",
+		set: stringSetting(func(c *Config) *string { return &c.Listen })},
+	{flag: "data", env: "BERTH_DATA", usage: "local cache `DIR` (default /var/lib/berth as root, else ~/.cache/berth)",
+		set: stringSetting(func(c *Config) *string { return &c.Data })},
+	{flag: "upstream", env: "BERTH_UPSTREAM", repeat: true,
+		usage: "`HOST=URL` upstream this mirror may fetch from, repeatable; replaces the configured list (default docker.io=https://registry-1.docker.io)",
+		set:   setUpstream},
+	{flag: "default-upstream", env: "BERTH_DEFAULT_UPSTREAM", usage: "`HOST` for names with no registry host and no ?ns= (default docker.io)",
+		set: stringSetting(func(c *Config) *string { return &c.DefaultUpstream })},
+	{flag: "tag-ttl", env: "BERTH_TAG_TTL", usage: "`DURATION` a tag's digest is trusted before asking the upstream again (default 5m)",
+		set: durationSetting(func(c *Config) *Duration { return &c.TagTTL })},
+	{flag: "stale-timeout", env: "BERTH_STALE_TIMEOUT", usage: "`DURATION` to wait for the upstream before serving a stale tag (default 2s)",
+		set: durationSetting(func(c *Config) *Duration { return &c.StaleTimeout })},
+	{flag: "cache-size", env: "BERTH_CACHE_SIZE", usage: "local disk budget, `BYTES` or a size like 20GiB (default 20GiB)",
+		set: func(c *Config, v string) error {
+			n, err := ParseSize(v)
+			c.Cache.Size = Size(n)
+			return err
+		}},
+	{flag: "shutdown-timeout", env: "BERTH_SHUTDOWN_TIMEOUT", usage: "`DURATION` in-flight pulls may run after SIGTERM (default 30s)",
+		set: durationSetting(func(c *Config) *Duration { return &c.ShutdownTimeout })},
+	{flag: "log-level", env: "BERTH_LOG_LEVEL", usage: "`LEVEL`: debug, info, warn or error (default info)",
+		set: stringSetting(func(c *Config) *string { return &c.Log.Level })},
+	{flag: "log-format", env: "BERTH_LOG_FORMAT", usage: "`FORMAT`: text or json (default text)",
+		set: stringSetting(func(c *Config) *string { return &c.Log.Format })},
+	{flag: "s3-bucket", env: "BERTH_S3_BUCKET", usage: "shared S3 `BUCKET` for the fleet cache (default none: no S3 tier)",
+		set: stringSetting(func(c *Config) *string { return &c.S3.Bucket })},
+	{flag: "s3-prefix", env: "BERTH_S3_PREFIX", usage: "key `PREFIX` inside the bucket (default berth/)",
+		set: stringSetting(func(c *Config) *string { return &c.S3.Prefix })},
+	{flag: "s3-region", env: "BERTH_S3_REGION", usage: "S3 `REGION` (default us-east-1)",
+		set: stringSetting(func(c *Config) *string { return &c.S3.Region })},
+	{flag: "s3-endpoint", env: "BERTH_S3_ENDPOINT", usage: "S3 endpoint `URL` for MinIO, Ceph and other S3-compatible stores",
+		set: stringSetting(func(c *Config) *string { return &c.S3.Endpoint })},
+	{flag: "s3-path-style", env: "BERTH_S3_PATH_STYLE", usage: "use path-style S3 addressing (`true` or false)",
+		set: func(c *Config, v string) error {
+			b, err := strconv.ParseBool(v)
+			if err != nil {
+				return fmt.Errorf("%q is not true or false", v)
+			}
+			c.S3.PathStyle = b
+			return nil
+		}},
+	{flag: "s3-lease-ttl", env: "BERTH_S3_LEASE_TTL", usage: "`DURATION` one host may hold the right to fetch a blob (default 2m)",
+		set: durationSetting(func(c *Config) *Duration { return &c.S3.LeaseTTL })},
+}
+
+// setUpstream adds one HOST=URL. The first one given on a command line or in
+// a variable replaces the configured list (see Overrides.Apply).
+func setUpstream(c *Config, v string) error {
+	host, u, ok := strings.Cut(v, "=")
+	if !ok || host == "" || u == "" {
+		return fmt.Errorf("%q is not HOST=URL", v)
+	}
+	if c.Upstreams == nil {
+		c.Upstreams = map[string]Upstream{}
+	}
+	up := c.Upstreams[host]
+	up.URL = u
+	c.Upstreams[host] = up
+	return nil
+}
+
+// Overrides are the settings given by flags and environment variables,
+// kept apart so that SIGHUP can re-apply them over a reloaded file.
+type Overrides struct {
+	values []override
+}
+
+type override struct {
+	s      *setting
+	origin string
+	value  string
+}
+
+// BindFlags registers every setting on fs; values land in o when fs parses.
+func (o *Overrides) BindFlags(fs *flag.FlagSet) {
+	for i := range settings {
+		s := &settings[i]
+		fs.Func(s.flag, s.usage+" [$"+s.env+"]", func(v string) error {
+			o.values = append(o.values, override{s: s, origin: "--" + s.flag, value: v})
+			return nil
+		})
+	}
+}
+
+// ReadEnv records the BERTH_* variables found by lookup (os.LookupEnv).
+// They are recorded before flags parse so that flags win.
+func (o *Overrides) ReadEnv(lookup func(string) (string, bool)) {
+	var env []override
+	for i := range settings {
+		s := &settings[i]
+		v, ok := lookup(s.env)
+		if !ok {
+			continue
+		}
+		vals := []string{v}
+		if s.repeat {
+			vals = strings.Split(v, ",")
+		}
+		for _, one := range vals {
+			env = append(env, override{s: s, origin: "$" + s.env, value: strings.TrimSpace(one)})
+		}
+	}
+	o.values = append(env, o.values...)
+}
+
+// Apply sets every recorded override on c, later ones winning. A repeatable
+// setting's first value from each origin kind replaces what the file said.
+func (o *Overrides) Apply(c *Config) error {
+	cleared := map[string]bool{}
+	file := cloneUpstreams(c.Upstreams)
+	for _, v := range o.values {
+		kind := v.origin[:1] // "$" or "-": flags replace the variable's list too
+		if v.s.repeat && !cleared[v.s.flag+kind] {
+			cleared[v.s.flag+kind] = true
+			c.Upstreams = map[string]Upstream{}
+		}
+		if v.s.repeat {
+			// A host the file also names keeps the file's credentials and TLS settings.
+			host, _, _ := strings.Cut(v.value, "=")
+			if up, ok := file[host]; ok {
+				c.Upstreams[host] = up
+			}
+		}
+		if err := v.s.set(c, v.value); err != nil {
+			return fmt.Errorf("%s: %v", v.origin, err)
+		}
+	}
+	return nil
+}
+
+// EnvNames lists every BERTH_* variable with its flag, for documentation tests.
+func EnvNames() map[string]string {
+	m := map[string]string{}
+	for _, s := range settings {
+		m[s.env] = s.flag
+	}
+	return m
+}
