@@ -1,0 +1,348 @@
+package mirror
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"net/http"
+	"os"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/distribution/distribution/v3/registry/api/errcode"
+	v2 "github.com/distribution/distribution/v3/registry/api/v2"
+	"github.com/opencontainers/go-digest"
+	"github.com/sirupsen/logrus"
+
+	"github.com/berth-dev/berth/storage"
+)
+
+func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, up *upstream, repo string, dgst digest.Digest) {
+	key := storage.Key{Upstream: up.host, Digest: dgst}
+	for attempt := 0; attempt < 3; attempt++ {
+		if s.serveLocalBlob(w, r, key) {
+			return
+		}
+		if r.Method == http.MethodHead {
+			s.headUpstreamBlob(w, r, up, repo, dgst)
+			return
+		}
+		rd, err := s.joinFlight(r.Context(), key, up, repo)
+		if errors.Is(err, errCachedMeanwhile) {
+			continue
+		}
+		if err != nil {
+			s.blobError(w, err)
+			return
+		}
+		s.serveFlight(w, r, rd, up, repo)
+		return
+	}
+	s.blobError(w, errors.New("blob kept vanishing from the cache"))
+}
+
+// serveLocalBlob answers from disk with sendfile. It reports false on a miss.
+func (s *Server) serveLocalBlob(w http.ResponseWriter, r *http.Request, key storage.Key) bool {
+	f, _, release, err := s.local.OpenBlob(key)
+	if err != nil {
+		return false
+	}
+	defer release()
+	defer f.Close()
+	s.metrics.lookups.WithLabelValues("blob", "hit").Inc()
+	blobHeaders(w, key.Digest)
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, "", time.Time{}, f)
+	s.metrics.bytesServed.WithLabelValues("local").Add(float64(cw.n))
+	return true
+}
+
+func blobHeaders(w http.ResponseWriter, d digest.Digest) {
+	h := w.Header()
+	h.Set("Docker-Content-Digest", d.String())
+	h.Set("Content-Type", "application/octet-stream")
+	h.Set("ETag", `"`+d.String()+`"`)
+	h.Set("Cache-Control", "max-age=31536000, immutable")
+}
+
+var errCachedMeanwhile = errors.New("blob was cached meanwhile")
+
+// joinFlight attaches the request to the blob's download, starting one if
+// none runs. The download belongs to no request: a client that goes away
+// does not cut it short for the others.
+func (s *Server) joinFlight(ctx context.Context, key storage.Key, up *upstream, repo string) (*flightReader, error) {
+	s.mu.Lock()
+	if fl, ok := s.flights[key]; ok {
+		rd := fl.newReader(ctx)
+		s.mu.Unlock()
+		return rd, nil
+	}
+	// Flights leave the map only after their commit, so with the lock held
+	// and no flight, a blob that landed since the miss is on disk now.
+	if _, ok := s.local.HasBlob(key); ok {
+		s.mu.Unlock()
+		return nil, errCachedMeanwhile
+	}
+	fl := &flight{key: key, size: -1, started: make(chan struct{})}
+	fl.cond = sync.NewCond(&fl.mu)
+	s.flights[key] = fl
+	rd := fl.newReader(ctx)
+	s.mu.Unlock()
+	s.metrics.lookups.WithLabelValues("blob", "miss").Inc()
+	s.wg.Add(1)
+	go s.download(fl, up, repo)
+	return rd, nil
+}
+
+func (s *Server) download(fl *flight, up *upstream, repo string) {
+	defer s.wg.Done()
+	s.metrics.inflight.Inc()
+	defer s.metrics.inflight.Dec()
+	ctx := s.downloadCtx
+	log := s.log.WithFields(logrus.Fields{"upstream": up.host, "repo": repo, "digest": fl.key.Digest})
+	end := func(err error, release func()) {
+		s.mu.Lock()
+		delete(s.flights, fl.key)
+		s.mu.Unlock()
+		fl.finish(err, release)
+	}
+	src, err := s.openBlobSource(ctx, fl.key, up, repo)
+	if err != nil {
+		end(err, nil)
+		close(fl.started)
+		return
+	}
+	w, err := s.local.CreateBlob(fl.key, src.size)
+	if err == nil {
+		fl.rf, err = os.Open(w.Path())
+		if err != nil {
+			w.Abort()
+		}
+	}
+	if err != nil {
+		src.body.Close()
+		end(err, nil)
+		close(fl.started)
+		return
+	}
+	fl.size = src.size
+	close(fl.started)
+	start := time.Now()
+	err = fl.run(w, src, func(n int) {
+		if src.label == "upstream" {
+			s.metrics.upstreamBytes.WithLabelValues(up.host).Add(float64(n))
+		}
+	})
+	if err != nil {
+		if errors.Is(err, storage.ErrDigestMismatch) {
+			s.metrics.mismatches.WithLabelValues(src.label).Inc()
+		}
+		log.WithError(err).Warn("blob download failed; nothing kept")
+		end(err, nil)
+		return
+	}
+	release, _ := s.local.Pin(fl.key)
+	log.WithFields(logrus.Fields{"bytes": fl.size, "source": src.label, "seconds": time.Since(start).Seconds()}).Info("blob cached")
+	end(nil, release)
+}
+
+// openBlobSource opens the blob at the upstream.
+func (s *Server) openBlobSource(ctx context.Context, key storage.Key, up *upstream, repo string) (source, error) {
+	resp, err := s.upstreamDo(ctx, up, repo, "blob", http.MethodGet, up.url(repo, "blobs", key.Digest.String()), nil)
+	if err != nil {
+		return source{}, err
+	}
+	return source{body: resp.Body, size: resp.ContentLength, label: "upstream"}, nil
+}
+
+func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightReader, up *upstream, repo string) {
+	defer rd.Close()
+	fl := rd.f
+	select {
+	case <-fl.started:
+	case <-r.Context().Done():
+		return
+	}
+	fl.mu.Lock()
+	err, size, done := fl.err, fl.size, fl.done
+	fl.mu.Unlock()
+	if errors.Is(err, storage.ErrNoSpace) {
+		s.passthrough(w, r, up, repo, fl.key.Digest)
+		return
+	}
+	if err != nil {
+		s.blobError(w, err)
+		return
+	}
+	if size < 0 && !done {
+		// Without a length, Range cannot be answered while the blob grows:
+		// wait for it, then serve it from disk.
+		io.Copy(io.Discard, rd)
+		if !s.serveLocalBlob(w, r, fl.key) {
+			s.blobError(w, errFlightAborted)
+		}
+		return
+	}
+	blobHeaders(w, fl.key.Digest)
+	cw := &countingWriter{ResponseWriter: w}
+	er := &errReader{r: rd}
+	http.ServeContent(cw, r, "", time.Time{}, struct {
+		io.Reader
+		io.Seeker
+	}{er, rd})
+	s.metrics.bytesServed.WithLabelValues("upstream").Add(float64(cw.n))
+	if er.err != nil && !errors.Is(er.err, context.Canceled) {
+		// Headers are gone already: cut the connection so the client sees a
+		// short body, never a complete wrong one.
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// errReader remembers the error that ended a copy ServeContent does not report.
+type errReader struct {
+	r   io.Reader
+	err error
+}
+
+func (e *errReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err != nil && err != io.EOF {
+		e.err = err
+	}
+	return n, err
+}
+
+func (s *Server) headUpstreamBlob(w http.ResponseWriter, r *http.Request, up *upstream, repo string, dgst digest.Digest) {
+	ctx, cancel := context.WithTimeout(r.Context(), 30*time.Second)
+	defer cancel()
+	resp, err := s.upstreamDo(ctx, up, repo, "blob", http.MethodHead, up.url(repo, "blobs", dgst.String()), nil)
+	if err != nil {
+		s.blobError(w, err)
+		return
+	}
+	resp.Body.Close()
+	s.metrics.lookups.WithLabelValues("blob", "miss").Inc()
+	blobHeaders(w, dgst)
+	if resp.ContentLength >= 0 {
+		w.Header().Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+// passthrough streams a blob the disk has no room for straight to the
+// client, still verifying it: the last chunk is sent only once the digest matches.
+func (s *Server) passthrough(w http.ResponseWriter, r *http.Request, up *upstream, repo string, dgst digest.Digest) {
+	s.metrics.passthrough.Inc()
+	resp, err := s.upstreamDo(r.Context(), up, repo, "blob", http.MethodGet, up.url(repo, "blobs", dgst.String()), nil)
+	if err != nil {
+		s.blobError(w, err)
+		return
+	}
+	defer resp.Body.Close()
+	blobHeaders(w, dgst)
+	if resp.ContentLength >= 0 {
+		w.Header().Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	}
+	w.WriteHeader(http.StatusOK)
+	n, err := verifyingCopy(w, resp.Body, dgst)
+	s.metrics.upstreamBytes.WithLabelValues(up.host).Add(float64(n))
+	s.metrics.bytesServed.WithLabelValues("upstream").Add(float64(n))
+	if err != nil {
+		if errors.Is(err, storage.ErrDigestMismatch) {
+			s.metrics.mismatches.WithLabelValues("upstream").Inc()
+		}
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// verifyingCopy copies src to dst holding back the last chunk until the
+// whole stream hashes to want.
+func verifyingCopy(dst io.Writer, src io.Reader, want digest.Digest) (int64, error) {
+	var h hash.Hash = sha256.New()
+	if want.Algorithm().Available() {
+		h = want.Algorithm().Hash()
+	}
+	buf, held := make([]byte, 256<<10), make([]byte, 0, 256<<10)
+	var total int64
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if len(held) > 0 {
+				if _, werr := dst.Write(held); werr != nil {
+					return total, werr
+				}
+			}
+			held = append(held[:0], buf[:n]...)
+			h.Write(buf[:n])
+			total += int64(n)
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return total, err
+		}
+	}
+	if got := digest.NewDigest(want.Algorithm(), h); got != want {
+		return total, fmt.Errorf("%w: want %s, got %s", storage.ErrDigestMismatch, want, got)
+	}
+	_, err := dst.Write(held)
+	return total, err
+}
+
+func (s *Server) blobError(w http.ResponseWriter, err error) {
+	s.upstreamFailure(w, err, v2.ErrorCodeBlobUnknown)
+}
+
+// upstreamFailure answers a request that could not be served from cache.
+func (s *Server) upstreamFailure(w http.ResponseWriter, err error, notFound errcode.ErrorCode) {
+	ue, ok := asUpstreamError(err)
+	switch {
+	case errors.Is(err, storage.ErrDigestMismatch):
+		serveError(w, errcode.ErrorCodeUnavailable.WithMessage("upstream sent content that does not match its digest; nothing was kept"))
+	case !ok:
+		s.log.WithError(err).Warn("request failed")
+		serveError(w, errcode.ErrorCodeUnavailable.WithMessage("berth could not serve this: "+err.Error()))
+	case ue.status == http.StatusNotFound:
+		serveError(w, notFound.WithMessage("not found at upstream "+ue.host))
+	case ue.status == http.StatusTooManyRequests:
+		if ue.retryAfter != "" {
+			w.Header().Set("Retry-After", ue.retryAfter)
+		}
+		serveError(w, errcode.ErrorCodeTooManyRequests.WithMessage("upstream "+ue.host+" is rate limiting berth and nothing is cached"))
+	case ue.status == http.StatusUnauthorized || ue.status == http.StatusForbidden:
+		serveError(w, errcode.ErrorCodeDenied.WithMessage("upstream "+ue.host+" denied access (repository missing, private, or berth's credentials lack access)"))
+	default:
+		serveError(w, errcode.ErrorCodeUnavailable.WithMessage(ue.Error()))
+	}
+}
+
+// countingWriter counts body bytes and keeps the connection's ReadFrom
+// reachable so serving an *os.File still uses sendfile.
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *countingWriter) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.ResponseWriter.(io.ReaderFrom); ok {
+		n, err := rf.ReadFrom(r)
+		c.n += n
+		return n, err
+	}
+	n, err := io.Copy(struct{ io.Writer }{c.ResponseWriter}, r)
+	c.n += n
+	return n, err
+}
+
+func (c *countingWriter) Unwrap() http.ResponseWriter { return c.ResponseWriter }
