@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
@@ -42,6 +43,11 @@ type Config struct {
 	StaleTimeout    Duration            `yaml:"stale_timeout"`
 	ShutdownTimeout Duration            `yaml:"shutdown_timeout"`
 	S3              S3                  `yaml:"s3"`
+
+	// lines maps key paths ("cache.size", "upstreams.docker.io.url") to
+	// their line in the file, so validation errors can point at it.
+	lines map[string]int
+	file  string
 }
 
 // Log configures logging.
@@ -116,8 +122,14 @@ func parse(b []byte, base *Config, name string) (*Config, error) {
 	dec.KnownFields(true)
 	// io.EOF: an empty file sets nothing.
 	if err := dec.Decode(c); err != nil && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("config %s: %s", name, strings.TrimPrefix(err.Error(), "yaml: "))
+		return nil, fmt.Errorf("config %s: %s", name, yamlError(err))
 	}
+	var root yaml.Node
+	if base != nil && yaml.Unmarshal(b, &root) == nil {
+		c.lines = map[string]int{}
+		collectLines(&root, "", c.lines)
+	}
+	c.file = name
 	if c.Upstreams == nil && base != nil {
 		c.Upstreams = cloneUpstreams(base.Upstreams)
 	}
@@ -135,6 +147,71 @@ func cloneUpstreams(m map[string]Upstream) map[string]Upstream {
 	return out
 }
 
+var unknownField = regexp.MustCompile(`field (\S+) not found in type \S+`)
+
+// yamlError turns yaml.v3's messages into one line per problem that names
+// the key the way the file spells it.
+func yamlError(err error) string {
+	var te *yaml.TypeError
+	msgs := []string{strings.TrimPrefix(err.Error(), "yaml: ")}
+	if errors.As(err, &te) {
+		msgs = te.Errors
+	}
+	for i, m := range msgs {
+		msgs[i] = unknownField.ReplaceAllString(m, `unknown key "$1"`)
+	}
+	return strings.Join(msgs, "; ")
+}
+
+// CheckDataDir makes sure the data directory exists or can be created, and is writable.
+func (c *Config) CheckDataDir() error {
+	if err := os.MkdirAll(c.Data, 0o755); err != nil {
+		return fmt.Errorf("%sdata: cannot create %s: %v", c.where("data"), c.Data, errors.Unwrap(err))
+	}
+	f, err := os.CreateTemp(c.Data, ".write-check-*")
+	if err != nil {
+		return fmt.Errorf("%sdata: %s is not writable: %v", c.where("data"), c.Data, errors.Unwrap(err))
+	}
+	f.Close()
+	os.Remove(f.Name())
+	return nil
+}
+
+func collectLines(n *yaml.Node, prefix string, out map[string]int) {
+	switch n.Kind {
+	case yaml.DocumentNode:
+		for _, c := range n.Content {
+			collectLines(c, prefix, out)
+		}
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key := n.Content[i].Value
+			if prefix != "" {
+				key = prefix + "." + key
+			}
+			out[key] = n.Content[i].Line
+			collectLines(n.Content[i+1], key, out)
+		}
+	}
+}
+
+// forget drops the line of key and everything under it.
+func (c *Config) forget(key string) {
+	for k := range c.lines {
+		if k == key || strings.HasPrefix(k, key+".") {
+			delete(c.lines, k)
+		}
+	}
+}
+
+// where names the file and line a key was set on, when it came from a file.
+func (c *Config) where(key string) string {
+	if line, ok := c.lines[key]; ok {
+		return fmt.Sprintf("%s line %d: ", c.file, line)
+	}
+	return ""
+}
+
 // DefaultDataDir is /var/lib/berth for root, the user's cache directory otherwise.
 func DefaultDataDir() string {
 	if os.Geteuid() == 0 {
@@ -150,76 +227,82 @@ func DefaultDataDir() string {
 func (c *Config) Clone() *Config {
 	n := *c
 	n.Upstreams = cloneUpstreams(c.Upstreams)
+	n.lines = make(map[string]int, len(c.lines))
+	for k, v := range c.lines {
+		n.lines[k] = v
+	}
 	return &n
 }
 
 // Validate checks values that parse but make no sense together.
 func (c *Config) Validate() error {
 	var errs []string
-	add := func(format string, a ...any) { errs = append(errs, fmt.Sprintf(format, a...)) }
+	add := func(key, format string, a ...any) {
+		errs = append(errs, c.where(key)+key+": "+fmt.Sprintf(format, a...))
+	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
-		add("listen: %q is not HOST:PORT", c.Listen)
+		add("listen", "%q is not HOST:PORT", c.Listen)
 	}
 	if c.Data == "" {
-		add("data: must name a directory")
+		add("data", "must name a directory")
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "warning", "error":
 	default:
-		add("log.level: %q is not one of debug, info, warn, error", c.Log.Level)
+		add("log.level", "%q is not one of debug, info, warn, error", c.Log.Level)
 	}
 	switch c.Log.Format {
 	case "text", "json":
 	default:
-		add("log.format: %q is not text or json", c.Log.Format)
+		add("log.format", "%q is not text or json", c.Log.Format)
 	}
 	if c.Cache.Size <= 0 {
-		add("cache.size: must be positive")
+		add("cache.size", "must be positive")
 	}
 	if !(c.Cache.LowWatermark > 0 && c.Cache.LowWatermark < c.Cache.HighWatermark && c.Cache.HighWatermark <= 1) {
-		add("cache: need 0 < low_watermark (%g) < high_watermark (%g) <= 1", c.Cache.LowWatermark, c.Cache.HighWatermark)
+		add("cache.low_watermark", "need 0 < low_watermark (%g) < high_watermark (%g) <= 1", c.Cache.LowWatermark, c.Cache.HighWatermark)
 	}
 	if len(c.Upstreams) == 0 {
-		add("upstreams: at least one upstream is required")
+		add("upstreams", "at least one upstream is required")
 	}
 	for _, host := range c.UpstreamHosts() {
 		u := c.Upstreams[host]
 		if err := validHost(host); err != nil {
-			add("upstreams: %q: %v", host, err)
+			add("upstreams."+host, "%v", err)
 		}
 		pu, err := url.Parse(u.URL)
 		if err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
-			add("upstreams.%s.url: %q is not an http:// or https:// URL", host, u.URL)
+			add("upstreams."+host+".url", "%q is not an http:// or https:// URL", u.URL)
 		}
 		if u.CAFile != "" {
 			if _, err := os.Stat(u.CAFile); err != nil {
-				add("upstreams.%s.ca_file: %v", host, err)
+				add("upstreams."+host+".ca_file", "%v", err)
 			}
 		}
 	}
 	if _, ok := c.Upstreams[c.DefaultUpstream]; !ok && len(c.Upstreams) > 0 {
-		add("default_upstream: %q is not one of the upstreams (%s)", c.DefaultUpstream, strings.Join(c.UpstreamHosts(), ", "))
+		add("default_upstream", "%q is not one of the upstreams (%s)", c.DefaultUpstream, strings.Join(c.UpstreamHosts(), ", "))
 	}
 	if c.TagTTL < 0 {
-		add("tag_ttl: must not be negative")
+		add("tag_ttl", "must not be negative")
 	}
 	if c.StaleTimeout <= 0 {
-		add("stale_timeout: must be positive")
+		add("stale_timeout", "must be positive")
 	}
 	if c.ShutdownTimeout < 0 {
-		add("shutdown_timeout: must not be negative")
+		add("shutdown_timeout", "must not be negative")
 	}
 	if c.S3.Bucket != "" {
 		if c.S3.Region == "" {
-			add("s3.region: required with s3.bucket")
+			add("s3.region", "required with s3.bucket")
 		}
 		if c.S3.Endpoint != "" {
 			if pu, err := url.Parse(c.S3.Endpoint); err != nil || pu.Scheme == "" || pu.Host == "" {
-				add("s3.endpoint: %q is not a URL", c.S3.Endpoint)
+				add("s3.endpoint", "%q is not a URL", c.S3.Endpoint)
 			}
 		}
 		if c.S3.LeaseTTL <= 0 {
-			add("s3.lease_ttl: must be positive")
+			add("s3.lease_ttl", "must be positive")
 		}
 	}
 	if len(errs) > 0 {

@@ -12,9 +12,9 @@ import (
 // Keeping flag, variable and help in one table keeps `--help` and the
 // documentation true to what the code reads.
 type setting struct {
-	flag, env, usage string
-	repeat           bool // --upstream may be given many times; its variable is comma-separated
-	set              func(c *Config, v string) error
+	flag, key, env, usage string // key: the YAML key path it overrides
+	repeat                bool   // --upstream may be given many times; its variable is comma-separated
+	set                   func(c *Config, v string) error
 }
 
 func durationSetting(dst func(c *Config) *Duration) func(*Config, string) error {
@@ -33,40 +33,40 @@ func stringSetting(dst func(c *Config) *string) func(*Config, string) error {
 }
 
 var settings = []setting{
-	{flag: "listen", env: "BERTH_LISTEN", usage: "`ADDR` to listen on (default 127.0.0.1:5000)",
+	{flag: "listen", key: "listen", env: "BERTH_LISTEN", usage: "`ADDR` to listen on (default 127.0.0.1:5000)",
 		set: stringSetting(func(c *Config) *string { return &c.Listen })},
-	{flag: "data", env: "BERTH_DATA", usage: "local cache `DIR` (default /var/lib/berth as root, else ~/.cache/berth)",
+	{flag: "data", key: "data", env: "BERTH_DATA", usage: "local cache `DIR` (default /var/lib/berth as root, else ~/.cache/berth)",
 		set: stringSetting(func(c *Config) *string { return &c.Data })},
-	{flag: "upstream", env: "BERTH_UPSTREAM", repeat: true,
+	{flag: "upstream", key: "upstreams", env: "BERTH_UPSTREAM", repeat: true,
 		usage: "`HOST=URL` upstream this mirror may fetch from, repeatable; replaces the configured list (default docker.io=https://registry-1.docker.io)",
 		set:   setUpstream},
-	{flag: "default-upstream", env: "BERTH_DEFAULT_UPSTREAM", usage: "`HOST` for names with no registry host and no ?ns= (default docker.io)",
+	{flag: "default-upstream", key: "default_upstream", env: "BERTH_DEFAULT_UPSTREAM", usage: "`HOST` for names with no registry host and no ?ns= (default docker.io)",
 		set: stringSetting(func(c *Config) *string { return &c.DefaultUpstream })},
-	{flag: "tag-ttl", env: "BERTH_TAG_TTL", usage: "`DURATION` a tag's digest is trusted before asking the upstream again (default 5m)",
+	{flag: "tag-ttl", key: "tag_ttl", env: "BERTH_TAG_TTL", usage: "`DURATION` a tag's digest is trusted before asking the upstream again (default 5m)",
 		set: durationSetting(func(c *Config) *Duration { return &c.TagTTL })},
-	{flag: "stale-timeout", env: "BERTH_STALE_TIMEOUT", usage: "`DURATION` to wait for the upstream before serving a stale tag (default 2s)",
+	{flag: "stale-timeout", key: "stale_timeout", env: "BERTH_STALE_TIMEOUT", usage: "`DURATION` to wait for the upstream before serving a stale tag (default 2s)",
 		set: durationSetting(func(c *Config) *Duration { return &c.StaleTimeout })},
-	{flag: "cache-size", env: "BERTH_CACHE_SIZE", usage: "local disk budget, `BYTES` or a size like 20GiB (default 20GiB)",
+	{flag: "cache-size", key: "cache.size", env: "BERTH_CACHE_SIZE", usage: "local disk budget, `BYTES` or a size like 20GiB (default 20GiB)",
 		set: func(c *Config, v string) error {
 			n, err := ParseSize(v)
 			c.Cache.Size = Size(n)
 			return err
 		}},
-	{flag: "shutdown-timeout", env: "BERTH_SHUTDOWN_TIMEOUT", usage: "`DURATION` in-flight pulls may run after SIGTERM (default 30s)",
+	{flag: "shutdown-timeout", key: "shutdown_timeout", env: "BERTH_SHUTDOWN_TIMEOUT", usage: "`DURATION` in-flight pulls may run after SIGTERM (default 30s)",
 		set: durationSetting(func(c *Config) *Duration { return &c.ShutdownTimeout })},
-	{flag: "log-level", env: "BERTH_LOG_LEVEL", usage: "`LEVEL`: debug, info, warn or error (default info)",
+	{flag: "log-level", key: "log.level", env: "BERTH_LOG_LEVEL", usage: "`LEVEL`: debug, info, warn or error (default info)",
 		set: stringSetting(func(c *Config) *string { return &c.Log.Level })},
-	{flag: "log-format", env: "BERTH_LOG_FORMAT", usage: "`FORMAT`: text or json (default text)",
+	{flag: "log-format", key: "log.format", env: "BERTH_LOG_FORMAT", usage: "`FORMAT`: text or json (default text)",
 		set: stringSetting(func(c *Config) *string { return &c.Log.Format })},
-	{flag: "s3-bucket", env: "BERTH_S3_BUCKET", usage: "shared S3 `BUCKET` for the fleet cache (default none: no S3 tier)",
+	{flag: "s3-bucket", key: "s3.bucket", env: "BERTH_S3_BUCKET", usage: "shared S3 `BUCKET` for the fleet cache (default none: no S3 tier)",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Bucket })},
-	{flag: "s3-prefix", env: "BERTH_S3_PREFIX", usage: "key `PREFIX` inside the bucket (default berth/)",
+	{flag: "s3-prefix", key: "s3.prefix", env: "BERTH_S3_PREFIX", usage: "key `PREFIX` inside the bucket (default berth/)",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Prefix })},
-	{flag: "s3-region", env: "BERTH_S3_REGION", usage: "S3 `REGION` (default us-east-1)",
+	{flag: "s3-region", key: "s3.region", env: "BERTH_S3_REGION", usage: "S3 `REGION` (default us-east-1)",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Region })},
-	{flag: "s3-endpoint", env: "BERTH_S3_ENDPOINT", usage: "S3 endpoint `URL` for MinIO, Ceph and other S3-compatible stores",
+	{flag: "s3-endpoint", key: "s3.endpoint", env: "BERTH_S3_ENDPOINT", usage: "S3 endpoint `URL` for MinIO, Ceph and other S3-compatible stores",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Endpoint })},
-	{flag: "s3-path-style", env: "BERTH_S3_PATH_STYLE", usage: "use path-style S3 addressing (`true` or false)",
+	{flag: "s3-path-style", key: "s3.path_style", env: "BERTH_S3_PATH_STYLE", usage: "use path-style S3 addressing (`true` or false)",
 		set: func(c *Config, v string) error {
 			b, err := strconv.ParseBool(v)
 			if err != nil {
@@ -75,7 +75,7 @@ var settings = []setting{
 			c.S3.PathStyle = b
 			return nil
 		}},
-	{flag: "s3-lease-ttl", env: "BERTH_S3_LEASE_TTL", usage: "`DURATION` one host may hold the right to fetch a blob (default 2m)",
+	{flag: "s3-lease-ttl", key: "s3.lease_ttl", env: "BERTH_S3_LEASE_TTL", usage: "`DURATION` one host may hold the right to fetch a blob (default 2m)",
 		set: durationSetting(func(c *Config) *Duration { return &c.S3.LeaseTTL })},
 }
 
@@ -157,6 +157,7 @@ func (o *Overrides) Apply(c *Config) error {
 				c.Upstreams[host] = up
 			}
 		}
+		c.forget(v.s.key) // the file's line no longer explains this value
 		if err := v.s.set(c, v.value); err != nil {
 			return fmt.Errorf("%s: %v", v.origin, err)
 		}

@@ -51,6 +51,9 @@ func (l *loader) load() (*config.Config, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if err := cfg.CheckDataDir(); err != nil {
+		return nil, err
+	}
 	return cfg, nil
 }
 
