@@ -53,6 +53,9 @@ type LocalOptions struct {
 	Budget                      int64   // bytes of blobs kept
 	HighWatermark, LowWatermark float64 // eviction runs from high to low
 	OnEvict                     func(k Key, size int64)
+	// FreeSpace reports the bytes available to the filesystem holding dir;
+	// nil means statfs. Tests replace it to simulate a full disk.
+	FreeSpace func(dir string) (int64, error)
 }
 
 // OpenLocal opens (creating if needed) the disk tier at root and indexes
@@ -74,6 +77,9 @@ func OpenLocal(root string, o LocalOptions) (*Local, error) {
 		root: root, budget: o.Budget, high: o.HighWatermark, low: o.LowWatermark,
 		freeSpace: diskFree, onEvict: o.OnEvict,
 		index: map[Key]*entry{}, lru: list.New(),
+	}
+	if o.FreeSpace != nil {
+		l.freeSpace = o.FreeSpace
 	}
 	if l.high == 0 {
 		l.high, l.low = 0.9, 0.8
