@@ -1,0 +1,318 @@
+// Command bench measures berth beside the distribution registry in proxy
+// mode (and nginx for serving hot blobs) on this machine, against one
+// upstream registry behind a throttled link, and prints the results as a
+// table with the goals berth sets itself. Run it from the repository root:
+//
+//	go run ./bench            # everything, about ten minutes
+//	go run ./bench -quick     # smaller sizes, a minute or two
+//	go run ./bench -h         # scenarios, sizes and rates
+//
+// See bench/README.md for what each row means and the last measured table.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/berth-dev/berth/config"
+)
+
+type options struct {
+	scenarios []string
+	rate      int64 // bytes per second on the upstream link; 0 is unlimited
+	layers    int
+	layerSize int64
+	pullNs    []int
+	wallN     int
+	reps      int
+	bigSize   int64
+	cpuConc   int
+	cpuReads  int
+	rssConc   int
+	hangCap   time.Duration
+	tagTTL    time.Duration
+	timeout   time.Duration
+	workDir   string
+	keep      bool
+	verbose   bool
+
+	berthBin, registryBin, nginxBin string
+}
+
+// allScenarios in the order they run. A scenario is a function over the
+// shared bench (upstream, link, content) adding rows to the table; the fleet
+// scenario of the S3 tier will join this list once berth serve takes
+// --s3-bucket.
+var allScenarios = []struct {
+	name, help string
+	run        func(*bench, context.Context) error
+}{
+	{"pulls", "concurrent cold pulls: upstream bytes ÷ image bytes, and wall time", (*bench).scenarioPulls},
+	{"cpu", "server CPU per GiB of hot blobs, beside nginx with sendfile", (*bench).scenarioCPU},
+	{"rss", "berth's peak RSS while many clients stream one big blob, cold and hot", (*bench).scenarioRSS},
+	{"hang", "pull of a cached tag while the upstream hangs", (*bench).scenarioHang},
+}
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout, os.Stderr); err != nil {
+		if !errors.Is(err, flag.ErrHelp) {
+			fmt.Fprintln(os.Stderr, "bench:", err)
+		}
+		os.Exit(1)
+	}
+}
+
+// sizeFlag takes sizes like 32MiB, 1GiB or 100MB, as berth's own flags do.
+type sizeFlag struct{ n *int64 }
+
+func (s sizeFlag) String() string {
+	if s.n == nil {
+		return ""
+	}
+	return strconv.FormatInt(*s.n, 10)
+}
+
+func (s sizeFlag) Set(v string) error {
+	n, err := config.ParseSize(v)
+	if err != nil {
+		return err
+	}
+	*s.n = n
+	return nil
+}
+
+func parseFlags(args []string, stderr io.Writer) (options, error) {
+	o := options{}
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var scen, ns string
+	quick := fs.Bool("quick", false, "smaller sizes and fewer repetitions for a fast smoke run (flags given explicitly still win)")
+	var names []string
+	for _, s := range allScenarios {
+		names = append(names, s.name)
+	}
+	fs.StringVar(&scen, "scenarios", strings.Join(names, ","), "comma-separated scenarios to run: "+strings.Join(names, ", "))
+	o.rate = 100_000_000
+	fs.Var(sizeFlag{&o.rate}, "rate", "bandwidth of the upstream link per second, e.g. 100MB or 1GiB; 0 for unlimited")
+	fs.IntVar(&o.layers, "layers", 3, "layers in the test image")
+	o.layerSize = 32 << 20
+	fs.Var(sizeFlag{&o.layerSize}, "layer-size", "bytes of random data per layer")
+	fs.StringVar(&ns, "ns", "1,20,100", "numbers of concurrent cold pulls to measure upstream bytes for")
+	fs.IntVar(&o.wallN, "wall-n", 20, "concurrent cold pulls whose wall time is compared with one pull's")
+	fs.IntVar(&o.reps, "reps", 3, "repetitions of each timing measurement (medians are reported)")
+	o.bigSize = 1 << 30
+	fs.Var(sizeFlag{&o.bigSize}, "big", "size of the blob for the cpu and rss scenarios")
+	fs.IntVar(&o.cpuConc, "cpu-clients", 8, "concurrent clients reading the hot blob in the cpu scenario")
+	fs.IntVar(&o.cpuReads, "cpu-reads", 2, "times each client reads the hot blob per repetition")
+	fs.IntVar(&o.rssConc, "rss-clients", 50, "concurrent clients streaming the big blob in the rss scenario")
+	fs.DurationVar(&o.hangCap, "hang-cap", 60*time.Second, "give up on a pull from a hung upstream after this long")
+	fs.DurationVar(&o.tagTTL, "tag-ttl", time.Second, "berth's --tag-ttl in the hang scenario (expired before each pull)")
+	fs.DurationVar(&o.timeout, "timeout", 30*time.Minute, "abort the whole run after this long")
+	fs.StringVar(&o.workDir, "work", "", "work directory (default: a new temporary directory)")
+	fs.BoolVar(&o.keep, "keep", false, "keep the work directory (logs, caches) afterwards")
+	fs.BoolVar(&o.verbose, "v", false, "more progress output, registry logs at info")
+	fs.StringVar(&o.berthBin, "berth", "", "berth binary (default: built from this checkout)")
+	fs.StringVar(&o.registryBin, "registry", "", "distribution registry binary (default: ./bin/registry, then PATH)")
+	fs.StringVar(&o.nginxBin, "nginx", "", "nginx binary (default: PATH, then /usr/sbin)")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "Usage: go run ./bench [flags]\n\nMeasures berth beside the distribution registry in proxy mode and nginx; prints a table.\n\nFlags:")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if *quick {
+		set := map[string]bool{}
+		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		for k, v := range map[string]string{
+			"layer-size": "4MiB", "ns": "1,20", "reps": "2", "big": "128MiB", "cpu-clients": "4",
+			"cpu-reads": "2", "rss-clients": "20", "hang-cap": "10s",
+		} {
+			if !set[k] {
+				if err := fs.Set(k, v); err != nil {
+					return o, err
+				}
+			}
+		}
+	}
+	for _, s := range strings.Split(scen, ",") {
+		s = strings.TrimSpace(s)
+		if s == "" {
+			continue
+		}
+		if !slices.Contains(names, s) {
+			return o, fmt.Errorf("unknown scenario %q (have %s)", s, strings.Join(names, ", "))
+		}
+		o.scenarios = append(o.scenarios, s)
+	}
+	for _, s := range strings.Split(ns, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 {
+			return o, fmt.Errorf("-ns: %q is not a positive number", s)
+		}
+		o.pullNs = append(o.pullNs, n)
+	}
+	switch {
+	case o.layers < 1 || o.layerSize < 1 || o.bigSize < 1:
+		return o, errors.New("-layers, -layer-size and -big must be positive")
+	case o.wallN < 1 || o.reps < 1 || o.cpuConc < 1 || o.cpuReads < 1 || o.rssConc < 1:
+		return o, errors.New("-wall-n, -reps, -cpu-clients, -cpu-reads and -rss-clients must be positive")
+	case o.rate < 0:
+		return o, errors.New("-rate must not be negative")
+	}
+	return o, nil
+}
+
+// bench is one run: the upstream, the link in front of it, the content in it
+// and the results so far.
+type bench struct {
+	opt      options
+	root     string // the repository
+	work     string
+	log      io.Writer
+	seq      int
+	procs    []*proc
+	up       *server
+	link     *throttle
+	image    testImage
+	big      *bigBlob
+	table    *table
+	started  time.Time
+	failures []string
+}
+
+func (b *bench) logf(format string, a ...any) {
+	fmt.Fprintf(b.log, "[%6.1fs] %s\n", time.Since(b.started).Seconds(), fmt.Sprintf(format, a...))
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
+	opt, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, opt.timeout)
+	defer cancel()
+	b := &bench{opt: opt, log: stderr, table: newTable(), started: time.Now()}
+	if b.root, err = moduleRoot(); err != nil {
+		return err
+	}
+	if opt.workDir == "" {
+		if b.work, err = os.MkdirTemp("", "berth-bench-"); err != nil {
+			return err
+		}
+	} else {
+		b.work = opt.workDir
+		if err := os.MkdirAll(b.work, 0o755); err != nil {
+			return err
+		}
+	}
+	defer func() {
+		b.stopAll()
+		if b.link != nil {
+			b.link.close()
+		}
+		if opt.keep || err != nil {
+			fmt.Fprintf(stderr, "work directory (logs): %s\n", b.work)
+		} else if opt.workDir == "" {
+			os.RemoveAll(b.work)
+		}
+	}()
+	if err := b.tools(ctx); err != nil {
+		return err
+	}
+	if b.up, err = b.startUpstream(ctx); err != nil {
+		return err
+	}
+	if b.link, err = startThrottle(b.up.addr, opt.rate); err != nil {
+		return err
+	}
+	b.logf("upstream %s behind link %s at %s", b.up.addr, b.link.addr, rateString(opt.rate))
+	for _, s := range allScenarios {
+		if !slices.Contains(opt.scenarios, s.name) {
+			continue
+		}
+		b.logf("scenario %s: %s", s.name, s.help)
+		if err := s.run(b, ctx); err != nil {
+			return fmt.Errorf("scenario %s: %w", s.name, err)
+		}
+	}
+	fmt.Fprintf(stdout, "\nberth benchmark, %s, upstream link %s, %d CPUs, %.0f s\n\n",
+		time.Now().Format("2006-01-02 15:04"), rateString(opt.rate), numCPU(), time.Since(b.started).Seconds())
+	b.table.write(stdout)
+	if len(b.failures) > 0 {
+		fmt.Fprintln(stdout, "\nfailed measurements:")
+		for _, f := range b.failures {
+			fmt.Fprintln(stdout, "  "+f)
+		}
+		return fmt.Errorf("%d measurements failed", len(b.failures))
+	}
+	return nil
+}
+
+// tools finds (or builds) the binaries every scenario needs.
+func (b *bench) tools(ctx context.Context) error {
+	var err error
+	if b.opt.registryBin == "" {
+		if b.opt.registryBin, err = findTool(b.root, "registry"); err != nil {
+			return fmt.Errorf("%w; install it with: GOBIN=$PWD/bin go install github.com/distribution/distribution/v3/cmd/registry@v3.1.2", err)
+		}
+	}
+	if b.opt.nginxBin == "" && slices.Contains(b.opt.scenarios, "cpu") {
+		if b.opt.nginxBin, err = findTool(b.root, "nginx"); err != nil {
+			return fmt.Errorf("%w; install it with: apt-get install nginx-light", err)
+		}
+	}
+	if b.opt.berthBin == "" {
+		b.opt.berthBin = filepath.Join(b.work, "berth")
+		b.logf("building berth")
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", b.opt.berthBin, "./cmd/berth")
+		cmd.Dir = b.root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("building berth: %v\n%s", err, out)
+		}
+	}
+	return nil
+}
+
+// moduleRoot is the berth checkout the benchmark runs from.
+func moduleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		data, err := os.ReadFile(filepath.Join(dir, "go.mod"))
+		if err == nil && strings.HasPrefix(string(data), "module github.com/berth-dev/berth\n") {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("run the benchmark from inside the berth repository")
+		}
+		dir = parent
+	}
+}
+
+func rateString(bps int64) string {
+	if bps == 0 {
+		return "unlimited"
+	}
+	return fmt.Sprintf("%.0f MB/s", float64(bps)/1e6)
+}

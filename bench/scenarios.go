@@ -1,0 +1,416 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"slices"
+	"time"
+)
+
+const gib = 1 << 30
+
+// mirror is one of the two pull-through mirrors compared side by side.
+type mirror struct {
+	name  string
+	start func(context.Context) (*server, error)
+	cell  func(*row) *cell
+}
+
+func (b *bench) mirrors(tagTTL time.Duration) []mirror {
+	return []mirror{
+		{"berth", func(ctx context.Context) (*server, error) { return b.startBerth(ctx, tagTTL) }, func(r *row) *cell { return &r.berth }},
+		{"distribution", b.startDistribution, func(r *row) *cell { return &r.dist }},
+	}
+}
+
+// fail records a measurement that could not be taken. The run goes on so
+// the rest of the table is still produced; the command fails at the end.
+func (b *bench) fail(c *cell, what string, err error) {
+	c.note = "failed"
+	b.failures = append(b.failures, fmt.Sprintf("%s: %v", what, err))
+	b.logf("FAILED %s: %v", what, err)
+}
+
+func (b *bench) ensureImage(ctx context.Context) error {
+	if b.image.blobs > 0 {
+		return nil
+	}
+	b.logf("pushing a %d × %s image to the upstream", b.opt.layers, sizeString(b.opt.layerSize))
+	img, err := pushImage(ctx, b.up.addr, b.opt.layers, b.opt.layerSize)
+	if err != nil {
+		return err
+	}
+	b.image = img
+	return nil
+}
+
+// pullDeadline bounds one round of n concurrent pulls: three times what the
+// link needs for n full copies (the distribution proxy's worst case), plus
+// slack.
+func (b *bench) pullDeadline(n int) time.Duration {
+	if b.opt.rate == 0 {
+		return 5 * time.Minute
+	}
+	link := time.Duration(float64(n) * float64(b.image.bytes) / float64(b.opt.rate) * float64(time.Second))
+	return time.Minute + 3*link
+}
+
+// coldPulls runs n concurrent pulls of the test image through a mirror
+// started with an empty cache, and reports the wall time and the upstream
+// bytes they caused.
+func (b *bench) coldPulls(ctx context.Context, m mirror, n int) (time.Duration, int64, error) {
+	srv, err := m.start(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer srv.stop()
+	tr := newTransport()
+	defer tr.CloseIdleConnections()
+	b.link.reset()
+	ctx, cancel := context.WithTimeout(ctx, b.pullDeadline(n))
+	defer cancel()
+	wall, err := concurrently(ctx, n, func(ctx context.Context, i int) error {
+		got, err := pullImage(ctx, tr, srv.addr, b.image)
+		if err == nil && got != b.image.bytes {
+			err = fmt.Errorf("pulled %d bytes, the image has %d", got, b.image.bytes)
+		}
+		return err
+	})
+	if err != nil {
+		return 0, 0, fmt.Errorf("%v (log: %s)", err, srv.p.log)
+	}
+	// Anything the mirror still fetches after the clients are served (a
+	// download nobody waits for any more) counts too.
+	time.Sleep(300 * time.Millisecond)
+	return wall, b.link.upstreamBytes(), nil
+}
+
+func (b *bench) scenarioPulls(ctx context.Context) error {
+	if err := b.ensureImage(ctx); err != nil {
+		return err
+	}
+	o := b.opt
+	byteRows := map[int]*row{}
+	for _, n := range o.pullNs {
+		if byteRows[n] == nil {
+			byteRows[n] = b.table.add(fmt.Sprintf("upstream bytes ÷ image bytes, %d cold %s", n, plural(n, "pull")), "%.3f").withGoal(1.02)
+		}
+	}
+	wall1 := b.table.add("cold pull wall time, 1 pull (s)", "%.2f").informational()
+	wallN := b.table.add(fmt.Sprintf("cold pull wall time, %d concurrent pulls (s)", o.wallN), "%.2f").informational()
+	ratio := b.table.add(fmt.Sprintf("wall time %d concurrent ÷ 1 cold pull", o.wallN), "%.2f").withGoal(1.5)
+
+	// One pull and wall-n pulls are timed, so they are repeated; other
+	// counts only measure bytes, which do not vary with noise, and run once.
+	ns := slices.Clone(o.pullNs)
+	ns = append(ns, 1, o.wallN)
+	slices.Sort(ns)
+	ns = slices.Compact(ns)
+	timed := func(n int) bool { return n == 1 || n == o.wallN }
+	for rep := range o.reps {
+		walls := map[string]map[int]time.Duration{}
+		for _, n := range ns {
+			if rep > 0 && !timed(n) {
+				continue
+			}
+			for _, m := range b.mirrors(5 * time.Minute) {
+				what := fmt.Sprintf("%s, %d cold pulls, repetition %d", m.name, n, rep+1)
+				wall, up, err := b.coldPulls(ctx, m, n)
+				if err != nil {
+					if ctx.Err() != nil {
+						return ctx.Err()
+					}
+					if r := byteRows[n]; r != nil {
+						b.fail(m.cell(r), what, err)
+					} else {
+						b.failures = append(b.failures, fmt.Sprintf("%s: %v", what, err))
+					}
+					continue
+				}
+				rb := float64(up) / float64(b.image.bytes)
+				b.logf("%s: %.2f s, upstream sent %s = %.3f × the image", what, wall.Seconds(), sizeString(up), rb)
+				if r := byteRows[n]; r != nil {
+					m.cell(r).add(rb)
+				}
+				if walls[m.name] == nil {
+					walls[m.name] = map[int]time.Duration{}
+				}
+				walls[m.name][n] = wall
+				if n == 1 {
+					m.cell(wall1).add(wall.Seconds())
+				}
+				if n == o.wallN {
+					m.cell(wallN).add(wall.Seconds())
+				}
+			}
+		}
+		for _, m := range b.mirrors(0) {
+			w1, ok1 := walls[m.name][1]
+			wn, okn := walls[m.name][o.wallN]
+			if ok1 && okn {
+				m.cell(ratio).add(wn.Seconds() / w1.Seconds())
+			}
+		}
+	}
+	return nil
+}
+
+func (b *bench) ensureBig(ctx context.Context) error {
+	if b.big != nil {
+		return nil
+	}
+	dir, err := b.newDir("big")
+	if err != nil {
+		return err
+	}
+	b.logf("writing a %s random blob and pushing it to the upstream", sizeString(b.opt.bigSize))
+	blob, err := makeBigBlob(dir, b.opt.bigSize)
+	if err != nil {
+		return err
+	}
+	if err := pushBlob(ctx, b.up.url(), bigRepo, blob); err != nil {
+		return err
+	}
+	b.big = &blob
+	return nil
+}
+
+func (b *bench) blobURL(s *server) string {
+	if s.kind == "nginx" {
+		return s.url() + "/" + bigBlobFile
+	}
+	return s.url() + "/v2/" + bigRepo + "/blobs/" + b.big.digest
+}
+
+// prime puts the big blob into a mirror's cache. The link is opened up
+// meanwhile: priming is set-up, not a measurement.
+func (b *bench) prime(ctx context.Context, s *server) error {
+	b.link.setRate(0)
+	defer b.link.setRate(b.opt.rate)
+	client := &http.Client{Transport: newTransport()}
+	defer client.CloseIdleConnections()
+	return getBlob(ctx, client, b.blobURL(s), b.big.size)
+}
+
+// readBlob has n clients read the big blob reads times each, at once.
+func (b *bench) readBlob(ctx context.Context, s *server, n, reads int) (time.Duration, error) {
+	tr := newTransport()
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr}
+	return concurrently(ctx, n, func(ctx context.Context, i int) error {
+		for range reads {
+			if err := getBlob(ctx, client, b.blobURL(s), b.big.size); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+func (b *bench) scenarioCPU(ctx context.Context) error {
+	if err := b.ensureBig(ctx); err != nil {
+		return err
+	}
+	o := b.opt
+	perGiB := b.table.add(fmt.Sprintf("hot blob: server CPU-s per GiB served, %d clients", o.cpuConc), "%.3f")
+	vsNginx := b.table.add("hot blob: server CPU ÷ nginx's (sendfile)", "%.2f").withGoal(1.3)
+
+	nginx, err := b.startNginx(ctx, filepath.Dir(b.big.path))
+	if err != nil {
+		return err
+	}
+	defer nginx.stop()
+	servers := []*server{nginx}
+	cells := map[*server]func(*row) *cell{}
+	for _, m := range b.mirrors(5 * time.Minute) {
+		s, err := m.start(ctx)
+		if err != nil {
+			return err
+		}
+		defer s.stop()
+		if err := b.prime(ctx, s); err != nil {
+			b.fail(m.cell(perGiB), m.name+", priming the hot blob", err)
+			b.fail(m.cell(vsNginx), m.name+", priming the hot blob", err)
+			continue
+		}
+		servers = append(servers, s)
+		cells[s] = m.cell
+	}
+	// Servers take turns within each repetition, so a noisy neighbour
+	// hurts them alike.
+	var nginxSamples []float64
+	served := float64(o.cpuConc*o.cpuReads) * float64(b.big.size)
+	for rep := range o.reps {
+		var nginxCPU float64
+		for _, s := range servers {
+			c0, err := treeCPUSeconds(s.p.pid())
+			if err != nil {
+				return err
+			}
+			wall, err := b.readBlob(ctx, s, o.cpuConc, o.cpuReads)
+			if err != nil {
+				if s == nginx {
+					return fmt.Errorf("nginx: %w", err)
+				}
+				b.fail(cells[s](perGiB), s.kind+", reading the hot blob", err)
+				continue
+			}
+			c1, err := treeCPUSeconds(s.p.pid())
+			if err != nil {
+				return err
+			}
+			v := (c1 - c0) / (served / gib)
+			b.logf("%s, repetition %d: %.2f CPU-s for %s in %.2f s (%.2f GiB/s): %.3f CPU-s/GiB",
+				s.kind, rep+1, c1-c0, sizeString(int64(served)), wall.Seconds(), served/gib/wall.Seconds(), v)
+			if s == nginx {
+				nginxCPU = v
+				nginxSamples = append(nginxSamples, v)
+				continue
+			}
+			cells[s](perGiB).add(v)
+			if nginxCPU > 0 {
+				cells[s](vsNginx).add(v / nginxCPU)
+			}
+		}
+	}
+	ref := median(nginxSamples)
+	perGiB.goal = 1.3 * ref
+	perGiB.goalIs = fmt.Sprintf("≤ %.3f (1.3 × nginx %.3f)", 1.3*ref, ref)
+	return nil
+}
+
+func (b *bench) scenarioRSS(ctx context.Context) error {
+	if err := b.ensureBig(ctx); err != nil {
+		return err
+	}
+	o := b.opt
+	big := sizeString(b.big.size)
+	cold := b.table.add(fmt.Sprintf("peak RSS, %d clients streaming one %s blob, cold (MiB)", o.rssConc, big), "%.0f").withGoal(100)
+	hot := b.table.add(fmt.Sprintf("peak RSS, %d clients streaming one %s blob, hot (MiB)", o.rssConc, big), "%.0f").withGoal(100)
+	// Cold, the distribution proxy fetches the blob once per client: 50
+	// copies through the link would take most of the run's time budget.
+	cold.dist.note = "not run"
+
+	for _, m := range b.mirrors(5 * time.Minute) {
+		s, err := m.start(ctx)
+		if err != nil {
+			return err
+		}
+		if m.name == "berth" {
+			w := watchRSS(s.p.pid())
+			wall, err := b.readBlob(ctx, s, o.rssConc, 1)
+			peak := w.peakMiB()
+			if err != nil {
+				b.fail(m.cell(cold), "berth, cold streams", err)
+			} else {
+				b.logf("berth, %d cold streams in %.2f s: peak RSS %.0f MiB", o.rssConc, wall.Seconds(), peak)
+				m.cell(cold).add(peak)
+			}
+		} else if err := b.prime(ctx, s); err != nil {
+			b.fail(m.cell(hot), m.name+", priming the hot blob", err)
+			s.stop()
+			continue
+		}
+		w := watchRSS(s.p.pid())
+		wall, err := b.readBlob(ctx, s, o.rssConc, 1)
+		peak := w.peakMiB()
+		if err != nil {
+			b.fail(m.cell(hot), m.name+", hot streams", err)
+		} else {
+			b.logf("%s, %d hot streams in %.2f s: peak RSS %.0f MiB", m.name, o.rssConc, wall.Seconds(), peak)
+			m.cell(hot).add(peak)
+		}
+		s.stop()
+	}
+	return nil
+}
+
+func (b *bench) scenarioHang(ctx context.Context) error {
+	if err := b.ensureImage(ctx); err != nil {
+		return err
+	}
+	o := b.opt
+	r := b.table.add("pull of a cached tag, upstream hung (s)", "%.2f").withGoal(3)
+	type seeded struct {
+		m  mirror
+		s  *server
+		tr *http.Transport
+	}
+	var ms []seeded
+	defer func() {
+		// Let stuck requests finish so the mirrors can shut down promptly.
+		b.link.unhang()
+		for _, x := range ms {
+			x.s.stop()
+			x.tr.CloseIdleConnections()
+		}
+	}()
+	for _, m := range b.mirrors(o.tagTTL) {
+		s, err := m.start(ctx)
+		if err != nil {
+			return err
+		}
+		x := seeded{m, s, newTransport()}
+		ms = append(ms, x)
+		if _, err := pullImage(ctx, x.tr, s.addr, b.image); err != nil {
+			return fmt.Errorf("%s: seeding the cache: %w", m.name, err)
+		}
+	}
+	b.link.hang()
+	for _, x := range ms {
+		c := x.m.cell(r)
+		for rep := range o.reps {
+			// The tag must be past its TTL so the mirror has to ask the upstream.
+			time.Sleep(o.tagTTL + 250*time.Millisecond)
+			pctx, cancel := context.WithTimeout(ctx, o.hangCap)
+			start := time.Now()
+			_, err := pullImage(pctx, x.tr, x.s.addr, b.image)
+			d := time.Since(start)
+			cancel()
+			switch {
+			case ctx.Err() != nil:
+				return ctx.Err()
+			case err != nil && errors.Is(pctx.Err(), context.DeadlineExceeded):
+				b.logf("%s, repetition %d: no answer within %v", x.m.name, rep+1, o.hangCap)
+				c.capped = true
+				c.add(o.hangCap.Seconds())
+			case err != nil:
+				b.fail(c, fmt.Sprintf("%s, cached tag pull with the upstream hung", x.m.name), err)
+			default:
+				b.logf("%s, repetition %d: pulled in %.2f s", x.m.name, rep+1, d.Seconds())
+				c.add(d.Seconds())
+			}
+			if c.capped {
+				// One capped pull says what there is to say; more would
+				// only spend the time budget.
+				break
+			}
+		}
+	}
+	return nil
+}
+
+func plural(n int, s string) string {
+	if n == 1 {
+		return s
+	}
+	return s + "s"
+}
+
+func sizeString(n int64) string {
+	switch {
+	case n >= gib && n%gib == 0:
+		return fmt.Sprintf("%d GiB", n/gib)
+	case n >= 1<<20 && n%(1<<20) == 0:
+		return fmt.Sprintf("%d MiB", n>>20)
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	default:
+		return fmt.Sprintf("%d B", n)
+	}
+}
