@@ -116,6 +116,9 @@ func (s *Server) download(fl *flight, up *upstream, repo string) {
 		close(fl.started)
 		return
 	}
+	if src.lease != nil {
+		defer s.keepLease(src.lease)()
+	}
 	w, err := s.local.CreateBlob(fl.key, src.size)
 	if err == nil {
 		fl.rf, err = os.Open(w.Path())
@@ -125,11 +128,12 @@ func (s *Server) download(fl *flight, up *upstream, repo string) {
 	}
 	if err != nil {
 		src.body.Close()
+		s.afterDownload(fl.key, src, err, log)
 		end(err, nil)
 		close(fl.started)
 		return
 	}
-	fl.size = src.size
+	fl.size, fl.label = src.size, src.label
 	close(fl.started)
 	start := time.Now()
 	err = fl.run(w, src, func(n int) {
@@ -141,22 +145,15 @@ func (s *Server) download(fl *flight, up *upstream, repo string) {
 		if errors.Is(err, storage.ErrDigestMismatch) {
 			s.metrics.mismatches.WithLabelValues(src.label).Inc()
 		}
-		log.WithError(err).Warn("blob download failed; nothing kept")
+		log.WithError(err).WithField("source", src.label).Warn("blob download failed; nothing kept")
 		end(err, nil)
+		s.afterDownload(fl.key, src, err, log)
 		return
 	}
 	release, _ := s.local.Pin(fl.key)
 	log.WithFields(logrus.Fields{"bytes": fl.size, "source": src.label, "seconds": time.Since(start).Seconds()}).Info("blob cached")
 	end(nil, release)
-}
-
-// openBlobSource opens the blob at the upstream.
-func (s *Server) openBlobSource(ctx context.Context, key storage.Key, up *upstream, repo string) (source, error) {
-	resp, err := s.upstreamDo(ctx, up, repo, "blob", http.MethodGet, up.url(repo, "blobs", key.Digest.String()), nil)
-	if err != nil {
-		return source{}, err
-	}
-	return source{body: resp.Body, size: resp.ContentLength, label: "upstream"}, nil
+	s.afterDownload(fl.key, src, nil, log)
 }
 
 func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightReader, up *upstream, repo string) {
@@ -194,7 +191,7 @@ func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightR
 		io.Reader
 		io.Seeker
 	}{er, rd})
-	s.metrics.bytesServed.WithLabelValues("upstream").Add(float64(cw.n))
+	s.metrics.bytesServed.WithLabelValues(fl.label).Add(float64(cw.n))
 	if er.err != nil && !errors.Is(er.err, context.Canceled) {
 		// Headers are gone already: cut the connection so the client sees a
 		// short body, never a complete wrong one.

@@ -17,8 +17,9 @@ import (
 // held back until the digest is verified: a client never receives the
 // complete body of corrupt content, only a cut-short response.
 type flight struct {
-	key  storage.Key
-	size int64 // from the source; -1 when it did not say
+	key   storage.Key
+	size  int64  // from the source; -1 when it did not say
+	label string // where the bytes come from, for metrics
 
 	rf *os.File // read side of the temp file; ReadAt is safe from many goroutines
 
@@ -38,7 +39,8 @@ var errFlightAborted = errors.New("download failed")
 type source struct {
 	body  io.ReadCloser
 	size  int64
-	label string // "upstream" or "s3"
+	label string        // "upstream" or "s3"
+	lease storage.Lease // held while fetching from the upstream for the fleet
 }
 
 // idleTimeout ends a download whose source sends nothing for this long.

@@ -89,6 +89,32 @@ func (s *Server) serveStale(w http.ResponseWriter, r *http.Request, t target, ta
 // already knows a digest (Docker Hub does not count HEADs against its pull
 // limit), a GET when the digest changed or was never seen.
 func (s *Server) refreshTag(ctx context.Context, t target, tag string, rec storage.TagRecord, have bool) (storage.TagRecord, error) {
+	cfg, _ := s.config()
+	fresh, known, lease := s.sharedTag(ctx, t, tag, cfg.TagTTL.D())
+	if fresh != nil {
+		// Another host asked the upstream within the TTL: its answer stands for the fleet.
+		if err := s.local.PutTag(t.up.host, t.repo, tag, *fresh); err != nil {
+			s.log.WithError(err).Warn("could not record tag")
+		}
+		return *fresh, nil
+	}
+	if lease != nil {
+		defer lease.Release(context.WithoutCancel(ctx))
+	}
+	if known != nil && (!have || known.Checked.After(rec.Checked)) {
+		key := storage.Key{Upstream: t.up.host, Digest: known.Digest}
+		if _, err := s.local.GetManifest(key); err == nil || s.sharedManifest(ctx, key) {
+			rec, have = *known, true
+		}
+	}
+	rec, err := s.askUpstreamTag(ctx, t, tag, rec, have)
+	if err == nil {
+		s.putSharedTag(ctx, t, tag, rec)
+	}
+	return rec, err
+}
+
+func (s *Server) askUpstreamTag(ctx context.Context, t target, tag string, rec storage.TagRecord, have bool) (storage.TagRecord, error) {
 	if have {
 		resp, err := s.upstreamDo(ctx, t.up, t.repo, "manifest", http.MethodHead, t.up.url(t.repo, "manifests", tag), http.Header{"Accept": {manifestAccept}})
 		if err != nil {
@@ -145,6 +171,7 @@ func (s *Server) fetchManifest(ctx context.Context, t target, ref, accept string
 	if err := s.local.PutManifest(key, m); err != nil {
 		s.log.WithError(err).Warn("could not cache manifest")
 	}
+	s.putSharedManifest(ctx, key, m)
 	return key, m, nil
 }
 
@@ -174,6 +201,9 @@ func (s *Server) serveManifestByDigest(w http.ResponseWriter, r *http.Request, t
 	ch := s.revalidate.DoChan("digest\x00"+key.String(), func() (any, error) {
 		ctx, cancel := context.WithTimeout(s.downloadCtx, upstreamFetchTimeout)
 		defer cancel()
+		if s.sharedManifest(ctx, key) {
+			return nil, nil
+		}
 		_, _, err := s.fetchManifest(ctx, t, d.String(), manifestAccept, d)
 		return nil, err
 	})

@@ -32,6 +32,7 @@ type Server struct {
 	local   *storage.Local
 	log     *logrus.Entry
 	metrics *metrics
+	sharedT *sharedTier
 	router  *mux.Router
 
 	// downloadCtx outlives requests: downloads are shared and finish even
@@ -58,6 +59,7 @@ func New(cfg *config.Config, local *storage.Local, reg prometheus.Registerer, lo
 		return nil, err
 	}
 	s.metrics = newMetrics(reg, local)
+	s.sharedT = newSharedMetrics(reg)
 	local.OnEvict(s.metrics.evicted)
 	s.downloadCtx, s.cancelDownload = context.WithCancel(context.Background())
 	s.router = v2.RouterWithPrefix("")

@@ -114,6 +114,7 @@ func applyLogConfig(log *logrus.Logger, cfg *config.Config) {
 }
 
 func serve(l *loader, cfg *config.Config) error {
+	var shared *storage.S3
 	log := newLogger(cfg)
 	entry := logrus.NewEntry(log)
 
@@ -130,10 +131,37 @@ func serve(l *loader, cfg *config.Config) error {
 		return err
 	}
 
+	if cfg.S3.Bucket != "" {
+		s3, err := storage.NewS3(context.Background(), storage.S3Options{
+			Bucket: cfg.S3.Bucket, Prefix: cfg.S3.Prefix, Region: cfg.S3.Region,
+			Endpoint: cfg.S3.Endpoint, PathStyle: cfg.S3.PathStyle,
+			OnRequest: srv.S3RequestHook(),
+		})
+		if err != nil {
+			return err
+		}
+		srv.SetShared(s3, cfg.S3.LeaseTTL.D())
+		shared = s3
+	}
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return err
+	}
 	checker := healthcheck.New(reg)
 	checker.Add("data-dir", healthcheck.Liveness, 10*time.Second, 5*time.Second, healthcheck.DirWritable(filepath.Join(cfg.Data, "tmp")))
-	checker.Add("listener", healthcheck.Readiness, 5*time.Second, 2*time.Second, healthcheck.TCPDial(cfg.Listen))
+	checker.Add("listener", healthcheck.Readiness, 5*time.Second, 2*time.Second, healthcheck.TCPDial(ln.Addr().String()))
 	addUpstreamChecks(checker, srv, cfg)
+	if shared != nil {
+		s3 := shared
+		checker.Add("s3", healthcheck.Informational, 15*time.Second, 5*time.Second, func(ctx context.Context) error {
+			err := s3.Ping(ctx)
+			if err == nil {
+				srv.SharedRecovered()
+			}
+			return err
+		})
+	}
 
 	mux := http.NewServeMux()
 	mux.Handle("/v2/", srv)
@@ -142,10 +170,6 @@ func serve(l *loader, cfg *config.Config) error {
 		mux.Handle(p, checker.Handler())
 	}
 
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return err
-	}
 	httpSrv := &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 30 * time.Second,
@@ -154,9 +178,10 @@ func serve(l *loader, cfg *config.Config) error {
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	checker.Start(ctx)
 	served := make(chan error, 1)
 	go func() { served <- httpSrv.Serve(ln) }()
+	// After Serve: /healthz answers at once, /readyz once the first round is in.
+	checker.Start(ctx)
 
 	notifier, err := healthcheck.Notify(ctx, checker)
 	if err != nil {
@@ -212,8 +237,8 @@ func reload(l *loader, old *config.Config, srv *mirror.Server, local *storage.Lo
 	if err != nil {
 		return nil, err
 	}
-	if next.Listen != old.Listen || next.Data != old.Data {
-		return nil, fmt.Errorf("listen and data cannot change without a restart (running: listen %s, data %s)", old.Listen, old.Data)
+	if next.Listen != old.Listen || next.Data != old.Data || next.S3 != old.S3 {
+		return nil, fmt.Errorf("listen, data and s3 settings cannot change without a restart (running: listen %s, data %s, s3 bucket %q)", old.Listen, old.Data, old.S3.Bucket)
 	}
 	if err := srv.Reload(next); err != nil {
 		return nil, err
