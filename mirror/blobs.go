@@ -165,7 +165,7 @@ func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightR
 		return
 	}
 	fl.mu.Lock()
-	err, size, done := fl.err, fl.size, fl.done
+	err, size := fl.err, fl.size
 	fl.mu.Unlock()
 	if errors.Is(err, storage.ErrNoSpace) {
 		s.passthrough(w, r, up, repo, fl.key.Digest)
@@ -175,9 +175,10 @@ func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightR
 		s.blobError(w, err)
 		return
 	}
-	if size < 0 && !done {
-		// Without a length, Range cannot be answered while the blob grows:
-		// wait for it, then serve it from disk.
+	if size < 0 {
+		// Without a length the flight cannot be seeked to its end, which
+		// ServeContent needs, even when it has finished: wait for it, then
+		// serve it from disk.
 		io.Copy(io.Discard, rd)
 		if !s.serveLocalBlob(w, r, fl.key) {
 			s.blobError(w, errFlightAborted)
