@@ -276,9 +276,9 @@ type harness struct {
 }
 
 type setup struct {
-	cfg      *config.Config
-	local    storage.LocalOptions
-	root     string // reuse a data directory
+	cfg   *config.Config
+	local storage.LocalOptions
+	root  string // reuse a data directory
 }
 
 func newHarness(t *testing.T, up *fakeUpstream, opts ...func(*setup)) *harness {
