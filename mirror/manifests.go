@@ -9,6 +9,7 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"strings"
 	"time"
 
 	v2 "github.com/distribution/distribution/v3/registry/api/v2"
@@ -29,7 +30,7 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, t ta
 	rec, err := s.local.GetTag(t.up.host, t.repo, tag)
 	have := err == nil
 	if have && time.Since(rec.Checked) < cfg.TagTTL.D() {
-		if s.serveStoredManifest(w, r, t, rec.Digest) {
+		if s.serveTagManifest(w, r, t, tag, rec.Digest) {
 			s.metrics.lookups.WithLabelValues("manifest", "hit").Inc()
 			return
 		}
@@ -57,7 +58,7 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, t ta
 	case res := <-ch:
 		if res.Err == nil {
 			s.metrics.lookups.WithLabelValues("manifest", "miss").Inc()
-			s.serveStoredManifest(w, r, t, res.Val.(storage.TagRecord).Digest)
+			s.serveTagManifest(w, r, t, tag, res.Val.(storage.TagRecord).Digest)
 			return
 		}
 		ue, ok := asUpstreamError(res.Err)
@@ -80,7 +81,7 @@ func (s *Server) serveStale(w http.ResponseWriter, r *http.Request, t target, ta
 	s.log.WithFields(logrus.Fields{"upstream": t.up.host, "repo": t.repo, "tag": tag, "reason": why}).Warn("serving stale tag")
 	w.Header().Set("Warning", `110 berth "Response is Stale"`)
 	w.Header().Set("Berth-Stale", "true")
-	if !s.serveStoredManifest(w, r, t, rec.Digest) {
+	if !s.serveTagManifest(w, r, t, tag, rec.Digest) {
 		s.upstreamFailure(w, errors.New(why), v2.ErrorCodeManifestUnknown)
 	}
 }
@@ -220,9 +221,47 @@ func (s *Server) serveManifestByDigest(w http.ResponseWriter, r *http.Request, t
 	}
 }
 
-// serveStoredManifest answers from the local cache; false on a miss. The
-// upstream was asked with every manifest type berth knows, so what is cached
-// is what the upstream prefers; clients today accept all of those types.
+// serveTagManifest serves what a tag points at, honouring the client's
+// Accept: berth asks upstreams with every manifest type it knows, so a
+// client that accepts fewer (an old one that cannot read an index) gets what
+// the upstream gives for its own Accept, fetched for it and kept by digest.
+func (s *Server) serveTagManifest(w http.ResponseWriter, r *http.Request, t target, tag string, d digest.Digest) bool {
+	m, err := s.local.GetManifest(storage.Key{Upstream: t.up.host, Digest: d})
+	if err != nil {
+		return false
+	}
+	if !acceptable(r, m.MediaType) {
+		ctx, cancel := context.WithTimeout(r.Context(), upstreamFetchTimeout)
+		defer cancel()
+		key, _, err := s.fetchManifest(ctx, t, tag, strings.Join(r.Header.Values("Accept"), ", "), "")
+		if err != nil {
+			s.upstreamFailure(w, err, v2.ErrorCodeManifestUnknown)
+			return true
+		}
+		d = key.Digest
+	}
+	return s.serveStoredManifest(w, r, t, d)
+}
+
+// acceptable reports whether the Accept headers admit mediaType; none at
+// all admits anything.
+func acceptable(r *http.Request, mediaType string) bool {
+	values := r.Header.Values("Accept")
+	if len(values) == 0 {
+		return true
+	}
+	for _, v := range values {
+		for _, part := range strings.Split(v, ",") {
+			mt, _, err := mime.ParseMediaType(strings.TrimSpace(part))
+			if err == nil && (mt == mediaType || mt == "*/*" || mt == "application/*") {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// serveStoredManifest answers from the local cache; false on a miss.
 func (s *Server) serveStoredManifest(w http.ResponseWriter, r *http.Request, t target, d digest.Digest) bool {
 	m, err := s.local.GetManifest(storage.Key{Upstream: t.up.host, Digest: d})
 	if err != nil {
