@@ -112,7 +112,13 @@ func (u *upstream) transport(ctx context.Context, repo string) (http.RoundTrippe
 		return t, nil
 	})
 	if err != nil {
-		return nil, &upstreamError{host: u.host, err: err}
+		ue := &upstreamError{host: u.host, err: err}
+		var te *transport.Error
+		if errors.As(err, &te) {
+			// The token endpoint refused berth's credentials: that is a denial, not an outage.
+			ue.status = te.StatusCode
+		}
+		return nil, ue
 	}
 	return v.(http.RoundTripper), nil
 }
