@@ -58,7 +58,9 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, t ta
 	case res := <-ch:
 		if res.Err == nil {
 			s.metrics.lookups.WithLabelValues("manifest", "miss").Inc()
-			s.serveTagManifest(w, r, t, tag, res.Val.(storage.TagRecord).Digest)
+			if !s.serveTagManifest(w, r, t, tag, res.Val.(storage.TagRecord).Digest) {
+				s.upstreamFailure(w, errors.New("manifest could not be stored"), v2.ErrorCodeManifestUnknown)
+			}
 			return
 		}
 		ue, ok := asUpstreamError(res.Err)
