@@ -212,45 +212,53 @@ func (s *Server) resolve(r *http.Request, name string) (target, *errcode.Error) 
 	return target{up: up, repo: name}, nil
 }
 
-func (s *Server) routeManifest(w http.ResponseWriter, r *http.Request) {
+// readTarget admits GET and HEAD and resolves the route's name; on
+// failure it has answered already.
+func (s *Server) readTarget(w http.ResponseWriter, r *http.Request) (target, map[string]string, bool) {
 	if !s.methodAllowed(w, r) {
-		return
+		return target{}, nil, false
 	}
 	vars := mux.Vars(r)
 	t, e := s.resolve(r, vars["name"])
 	if e != nil {
 		serveError(w, *e)
+		return target{}, nil, false
+	}
+	return t, vars, true
+}
+
+func parseDigest(w http.ResponseWriter, ref string) (digest.Digest, bool) {
+	d, err := digest.Parse(ref)
+	if err != nil {
+		serveError(w, v2.ErrorCodeDigestInvalid.WithMessage(err.Error()))
+		return "", false
+	}
+	return d, true
+}
+
+func (s *Server) routeManifest(w http.ResponseWriter, r *http.Request) {
+	t, vars, ok := s.readTarget(w, r)
+	if !ok {
 		return
 	}
 	ref := vars["reference"]
-	if strings.Contains(ref, ":") {
-		d, err := digest.Parse(ref)
-		if err != nil {
-			serveError(w, v2.ErrorCodeDigestInvalid.WithMessage(err.Error()))
-			return
-		}
-		s.serveManifestByDigest(w, r, t, d)
+	if !strings.Contains(ref, ":") {
+		s.serveManifestByTag(w, r, t, ref)
 		return
 	}
-	s.serveManifestByTag(w, r, t, ref)
+	if d, ok := parseDigest(w, ref); ok {
+		s.serveManifestByDigest(w, r, t, d)
+	}
 }
 
 func (s *Server) routeBlob(w http.ResponseWriter, r *http.Request) {
-	if !s.methodAllowed(w, r) {
+	t, vars, ok := s.readTarget(w, r)
+	if !ok {
 		return
 	}
-	vars := mux.Vars(r)
-	t, e := s.resolve(r, vars["name"])
-	if e != nil {
-		serveError(w, *e)
-		return
+	if d, ok := parseDigest(w, vars["digest"]); ok {
+		s.serveBlob(w, r, t.up, t.repo, d)
 	}
-	d, err := digest.Parse(vars["digest"])
-	if err != nil {
-		serveError(w, v2.ErrorCodeDigestInvalid.WithMessage(err.Error()))
-		return
-	}
-	s.serveBlob(w, r, t.up, t.repo, d)
 }
 
 var (

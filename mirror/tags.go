@@ -13,7 +13,6 @@ import (
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
 	v2 "github.com/distribution/distribution/v3/registry/api/v2"
-	"github.com/gorilla/mux"
 )
 
 type tagList struct {
@@ -25,15 +24,11 @@ type tagList struct {
 const maxTagPages = 100
 
 func (s *Server) routeTags(w http.ResponseWriter, r *http.Request) {
-	if !s.methodAllowed(w, r) {
+	t, vars, ok := s.readTarget(w, r)
+	if !ok {
 		return
 	}
-	name := mux.Vars(r)["name"]
-	t, e := s.resolve(r, name)
-	if e != nil {
-		serveError(w, *e)
-		return
-	}
+	name := vars["name"]
 	n, last, ok := pageParams(w, r)
 	if !ok {
 		return
