@@ -80,6 +80,8 @@ func TestBerthCraneAndSkopeoPull(t *testing.T) {
 }
 
 func TestBerthDockerPull(t *testing.T) {
+	RequireRoot(t)
+	RequireTool(t, "dockerd")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/dockimg", "1", 128<<10, 3)
 	idx := PushIndex(t, Docker, reg.Host, "library/dockmulti", "1", 64<<10, 2)
@@ -95,6 +97,14 @@ func TestBerthDockerPull(t *testing.T) {
 	// As `docker pull localhost:5000/...` does on a berth host, with this
 	// test's port. docker treats 127.0.0.0/8 as insecure, so plain HTTP works.
 	ref := b.Host + "/library/dockimg:1"
+	d.Docker(t, 3*time.Minute, "pull", ref)
+	if id := imageID(ref); id != img.Config.Digest {
+		t.Errorf("docker pull %s: image id %s, want %s", ref, id, img.Config.Digest)
+	}
+	// The quick start's spelling: localhost, which docker also treats as
+	// insecure (it resolves into 127.0.0.0/8); any port works.
+	_, port, _ := strings.Cut(b.Host, ":")
+	ref = "localhost:" + port + "/library/dockimg:1"
 	d.Docker(t, 3*time.Minute, "pull", ref)
 	if id := imageID(ref); id != img.Config.Digest {
 		t.Errorf("docker pull %s: image id %s, want %s", ref, id, img.Config.Digest)
@@ -119,6 +129,9 @@ func TestBerthDockerPull(t *testing.T) {
 }
 
 func TestBerthContainerdHostsMirror(t *testing.T) {
+	RequireRoot(t)
+	RequireTool(t, "containerd")
+	RequireTool(t, "ctr")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/ctrimg", "2", 128<<10, 3)
 	idx := PushIndex(t, OCI, reg.Host, "team/app", "v1", 64<<10, 2)
@@ -166,6 +179,7 @@ func TestBerthContainerdHostsMirror(t *testing.T) {
 }
 
 func TestBerthConformance(t *testing.T) {
+	RequireTool(t, "conformance")
 	reg := StartRegistry(t)
 	seed := SeedConformance(t, reg.Host, "conformance/repo1")
 	b := StartBerth(t, UpstreamArgs(reg.Host, reg.URL)...)
@@ -191,5 +205,33 @@ func TestBerthHealthEndpoints(t *testing.T) {
 		if code := httpStatus(ctx, b.URL+p); code != 200 {
 			t.Errorf("GET %s: %d, want 200", p, code)
 		}
+	}
+}
+
+// A stuck upstream must not stall pulls of what berth already holds: blobs
+// and manifests by digest need no upstream at all, and a tag past its TTL is
+// served stale once --stale-timeout passes.
+func TestBerthServesCacheWhileUpstreamHangs(t *testing.T) {
+	RequireTool(t, "crane")
+	reg := StartRegistry(t)
+	img := PushImage(t, Docker, reg.Host, "library/steady", "1", 128<<10, 2)
+	up := StartProxy(t, reg.Host)
+	b := StartBerth(t, append(UpstreamArgs(reg.Host, up.URL), "--stale-timeout", "1s")...)
+	cranePullVerify(t, b.Host+"/library/steady:1", img)
+
+	up.Hang()
+	t.Cleanup(up.Resume)
+	time.Sleep(1100 * time.Millisecond) // past --tag-ttl
+	for _, ref := range []string{b.Host + "/library/steady@" + img.Digest, b.Host + "/library/steady:1"} {
+		start := time.Now()
+		cranePullVerify(t, ref, img)
+		// crane asks for the manifest more than once; each ask may wait the
+		// stale timeout, none may wait for the upstream.
+		if d := time.Since(start); d > 15*time.Second {
+			t.Errorf("pull of %s with a hung upstream took %v", ref, d)
+		}
+	}
+	if up.Connections() == 0 {
+		t.Errorf("berth never tried the upstream for the expired tag")
 	}
 }

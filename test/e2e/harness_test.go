@@ -103,6 +103,8 @@ func TestHarnessProxyCountsAndHangs(t *testing.T) {
 }
 
 func TestHarnessDockerdPullsFromRegistry(t *testing.T) {
+	RequireRoot(t)
+	RequireTool(t, "dockerd")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/dockerpull", "v1", 32<<10, 2)
 	d := StartDockerd(t, DockerdOptions{})
@@ -115,6 +117,8 @@ func TestHarnessDockerdPullsFromRegistry(t *testing.T) {
 }
 
 func TestHarnessCtrPullsFromRegistry(t *testing.T) {
+	RequireRoot(t)
+	RequireTool(t, "containerd")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/ctrpull", "v1", 32<<10, 2)
 	c := StartContainerd(t)
@@ -128,6 +132,7 @@ func TestHarnessCtrPullsFromRegistry(t *testing.T) {
 }
 
 func TestHarnessConformanceAgainstRegistry(t *testing.T) {
+	RequireTool(t, "conformance")
 	reg := StartRegistry(t)
 	seed := SeedConformance(t, reg.Host, "conformance/repo1")
 	seed.Registry = reg.Host

@@ -29,8 +29,9 @@ type Process struct {
 }
 
 // StopTimeout is how long a daemon may take to exit after SIGTERM before it
-// and its process group are killed.
-var StopTimeout = 20 * time.Second
+// and its process group are killed: more than berth's default 30s
+// --shutdown-timeout, which in-flight pulls may use.
+var StopTimeout = 45 * time.Second
 
 // StartProcess starts cmd with its output in logPath and stops it at cleanup.
 // The process gets its own process group so that helpers it spawns (dockerd's
