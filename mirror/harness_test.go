@@ -172,13 +172,15 @@ func (u *fakeUpstream) pushIndex(repo, tag string, idx v1.ImageIndex) digest.Dig
 	return digest.Digest(d.String())
 }
 
-// hang blocks until the test ends or the caller gives up.
+// hang blocks until the test ends or the caller gives up, then drops the
+// connection: a hung request never turns into an answer.
 func (u *fakeUpstream) hang() fault {
 	return func(w http.ResponseWriter, r *http.Request, _ http.Handler) {
 		select {
 		case <-u.stop:
 		case <-r.Context().Done():
 		}
+		panic(http.ErrAbortHandler)
 	}
 }
 
