@@ -193,6 +193,13 @@ func (s *Server) resolve(r *http.Request, name string) (target, *errcode.Error) 
 	} else {
 		host = cfg.DefaultUpstream
 	}
+	// The router lets an upper-case first component through as a registry
+	// host; when it names none it is part of the repository name, which
+	// must be lower case.
+	if name != strings.ToLower(name) {
+		e := errcode.Error{Code: v2.ErrorCodeNameInvalid, Message: fmt.Sprintf("invalid repository name %q: must be lower case", name)}
+		return target{}, &e
+	}
 	up, ok := ups[host]
 	if !ok {
 		for _, u := range ups { // ns may name the endpoint rather than the registry
