@@ -113,48 +113,57 @@ func StartBerth(t testing.TB, args ...string) *Berth {
 			hasData = true
 		}
 	}
-	addr := FreeAddr(t)
-	full := []string{"serve", "--listen", addr}
-	if !hasData {
-		full = append(full, "--data", data)
-	}
-	full = append(full, args...)
-	cmd := exec.Command(bin, full...)
-	cmd.Env = berthEnv()
-	p := StartProcess(t, "berth", filepath.Join(dir, "berth.log"), cmd)
-	t.Cleanup(func() {
-		// Registered after StartProcess's cleanup, so it runs first; stopping
-		// here lets the whole log, shutdown included, be checked.
-		p.Stop(t)
-		if p.LogContains("WARNING: DATA RACE") {
-			t.Errorf("berth reported a data race; see its log")
-		}
-	})
-	b := &Berth{Process: p, Host: addr, URL: "http://" + addr, Data: data}
-	b.WaitReady(t, 60*time.Second)
-	t.Logf("berth %s listening on %s", strings.Join(full[1:], " "), addr)
-	return b
-}
-
-// WaitReady waits for /readyz to answer 200. A berth without /readyz (404)
-// counts as ready once /v2/ answers 200, so the pull tests can run against a
-// daemon whose health endpoints are still being written.
-func (b *Berth) WaitReady(t testing.TB, timeout time.Duration) {
-	t.Helper()
+	var full []string
 	noReadyz := false
-	b.WaitUntil(t, timeout, "ready (/readyz 200)", func(ctx context.Context) bool {
-		switch httpStatus(ctx, b.URL+"/readyz") {
-		case 200:
-			return true
-		case 404:
-			noReadyz = httpStatus(ctx, b.URL+"/v2/") == 200
-			return noReadyz
+	p, addr := startOnFreePort(t, 60*time.Second, "ready (/readyz 200)", func(addr string) (*Process, func(context.Context) bool) {
+		full = []string{"serve", "--listen", addr}
+		if !hasData {
+			full = append(full, "--data", data)
 		}
-		return false
+		full = append(full, args...)
+		cmd := exec.Command(bin, full...)
+		cmd.Env = berthEnv()
+		p := StartProcess(t, "berth", filepath.Join(dir, "berth.log"), cmd)
+		t.Cleanup(func() {
+			// Runs before StartProcess's cleanup (cleanups run last
+			// first): stopping here lets the whole log, shutdown
+			// included, be checked.
+			p.Stop(t)
+			if p.LogContains("WARNING: DATA RACE") {
+				t.Errorf("berth reported a data race; see its log")
+			}
+		})
+		return p, func(ctx context.Context) bool { return berthReady(ctx, "http://"+addr, &noReadyz) }
 	})
 	if noReadyz {
 		t.Logf("berth answers 404 on /readyz; took /v2/ 200 as ready")
 	}
+	t.Logf("berth %s listening on %s", strings.Join(full[1:], " "), addr)
+	return &Berth{Process: p, Host: addr, URL: "http://" + addr, Data: data}
+}
+
+// berthReady: /readyz answers 200. A berth without /readyz (404) counts as
+// ready once /v2/ answers 200, so pull tests can run against a daemon whose
+// health endpoints are not written yet.
+func berthReady(ctx context.Context, url string, noReadyz *bool) bool {
+	switch httpStatus(ctx, url+"/readyz") {
+	case 200:
+		return true
+	case 404:
+		*noReadyz = httpStatus(ctx, url+"/v2/") == 200
+		return *noReadyz
+	}
+	return false
+}
+
+// WaitReady waits for berth to be ready again, e.g. after a restart of its
+// upstream.
+func (b *Berth) WaitReady(t testing.TB, timeout time.Duration) {
+	t.Helper()
+	var noReadyz bool
+	b.WaitUntil(t, timeout, "ready (/readyz 200)", func(ctx context.Context) bool {
+		return berthReady(ctx, b.URL, &noReadyz)
+	})
 }
 
 // berthEnv is this process's environment without BERTH_* variables, so a

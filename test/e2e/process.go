@@ -135,27 +135,65 @@ func (p *Process) saveArtifact(t testing.TB) {
 	}
 }
 
-// WaitUntil polls ready every 50ms until it returns true, the process exits
-// or the timeout passes; the last two fail the test with the log shown.
-func (p *Process) WaitUntil(t testing.TB, timeout time.Duration, what string, ready func(ctx context.Context) bool) {
-	t.Helper()
+// Wait polls ready every 50ms until it returns true (nil), the process
+// exits or the timeout passes (an error naming what was awaited).
+func (p *Process) Wait(timeout time.Duration, what string, ready func(ctx context.Context) bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	for {
 		if ready(ctx) {
-			return
+			return nil
 		}
 		select {
 		case <-p.done:
-			p.ShowLog(t, 40)
-			t.Fatalf("%s exited before %s: %v", p.Name, what, p.waitErr)
+			return fmt.Errorf("%s exited before %s: %v", p.Name, what, p.waitErr)
 		case <-ctx.Done():
-			p.ShowLog(t, 40)
-			t.Fatalf("%s: not %s within %v", p.Name, what, timeout)
+			return fmt.Errorf("%s: not %s within %v", p.Name, what, timeout)
 		case <-tick.C:
 		}
+	}
+}
+
+// WaitUntil is Wait that fails the test, showing the log.
+func (p *Process) WaitUntil(t testing.TB, timeout time.Duration, what string, ready func(ctx context.Context) bool) {
+	t.Helper()
+	if err := p.Wait(timeout, what, ready); err != nil {
+		p.ShowLog(t, 40)
+		t.Fatal(err)
+	}
+}
+
+// lostPortRace reports whether the process exited because another process
+// took its port between FreeAddr and the daemon's listen.
+func (p *Process) lostPortRace() bool {
+	select {
+	case <-p.done:
+		return p.LogContains("address already in use")
+	default:
+		return false
+	}
+}
+
+// startOnFreePort starts a daemon listening on a FreeAddr and waits until
+// ready; when the port was taken in the meantime it tries another one.
+func startOnFreePort(t testing.TB, timeout time.Duration, what string,
+	start func(addr string) (*Process, func(ctx context.Context) bool)) (*Process, string) {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		addr := FreeAddr(t)
+		p, ready := start(addr)
+		err := p.Wait(timeout, what, ready)
+		if err == nil {
+			return p, addr
+		}
+		if attempt < 3 && p.lostPortRace() {
+			t.Logf("%s: port %s was taken before it listened; trying another", p.Name, addr)
+			continue
+		}
+		p.ShowLog(t, 40)
+		t.Fatal(err)
 	}
 }
 

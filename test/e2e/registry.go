@@ -46,19 +46,18 @@ func StartRegistry(t testing.TB) *Registry {
 	bin := RequireTool(t, "registry")
 	dir := t.TempDir()
 	storage := filepath.Join(dir, "storage")
-	addr := FreeAddr(t)
-	cfg := filepath.Join(dir, "config.yml")
-	if err := os.WriteFile(cfg, fmt.Appendf(nil, registryConfig, storage, addr), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cmd := exec.Command(bin, "serve", cfg)
-	// The registry would otherwise export traces to an OTLP collector that
-	// is not there and log about it.
-	cmd.Env = append(os.Environ(), "OTEL_TRACES_EXPORTER=none")
-	p := StartProcess(t, "registry", filepath.Join(dir, "registry.log"), cmd)
-	r := &Registry{Process: p, Host: addr, URL: "http://" + addr, Dir: storage}
-	p.WaitUntil(t, 30*time.Second, "answering /v2/", func(ctx context.Context) bool {
-		return httpStatus(ctx, r.URL+"/v2/") == 200
+	p, addr := startOnFreePort(t, 30*time.Second, "answering /v2/", func(addr string) (*Process, func(context.Context) bool) {
+		cfg := filepath.Join(dir, "config.yml")
+		if err := os.WriteFile(cfg, fmt.Appendf(nil, registryConfig, storage, addr), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "serve", cfg)
+		// The registry would otherwise export traces to an OTLP collector
+		// that is not there and log about it.
+		cmd.Env = append(os.Environ(), "OTEL_TRACES_EXPORTER=none")
+		p := StartProcess(t, "registry", filepath.Join(dir, "registry.log"), cmd)
+		return p, func(ctx context.Context) bool { return httpStatus(ctx, "http://"+addr+"/v2/") == 200 }
 	})
+	r := &Registry{Process: p, Host: addr, URL: "http://" + addr, Dir: storage}
 	return r
 }
