@@ -143,6 +143,14 @@ func (s *Server) openBlobSource(ctx context.Context, key storage.Key, up *upstre
 		lease, err := sh.AcquireLease(ctx, storage.BlobLeaseName(key), t.leaseTTL)
 		switch {
 		case err == nil:
+			// Another host may have uploaded and released between our miss
+			// and our lease: look again before fetching upstream.
+			if st, ok := sh.(blobStatter); ok {
+				if _, serr := st.StatBlob(ctx, key); serr == nil {
+					lease.Release(context.WithoutCancel(ctx))
+					continue
+				}
+			}
 			event := "taken"
 			if to, ok := lease.(tookOver); ok && to.TookOver() {
 				event = "taken_over"
