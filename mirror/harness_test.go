@@ -196,6 +196,11 @@ func status(code int, kv ...string) fault {
 	}
 }
 
+// drop closes the connection without an answer.
+func drop() fault {
+	return func(http.ResponseWriter, *http.Request, http.Handler) { panic(http.ErrAbortHandler) }
+}
+
 // record runs the real registry into a buffer.
 func record(r *http.Request, next http.Handler) *httptest.ResponseRecorder {
 	rec := httptest.NewRecorder()
