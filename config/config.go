@@ -293,9 +293,6 @@ func (c *Config) Validate() error {
 		add("shutdown_timeout", "must not be negative")
 	}
 	if c.S3.Bucket != "" {
-		if c.S3.Region == "" {
-			add("s3.region", "required with s3.bucket")
-		}
 		if c.S3.Endpoint != "" {
 			if pu, err := url.Parse(c.S3.Endpoint); err != nil || pu.Scheme == "" || pu.Host == "" {
 				add("s3.endpoint", "%q is not a URL", c.S3.Endpoint)

@@ -62,7 +62,7 @@ var settings = []setting{
 		set: stringSetting(func(c *Config) *string { return &c.S3.Bucket })},
 	{flag: "s3-prefix", key: "s3.prefix", env: "BERTH_S3_PREFIX", usage: "key `PREFIX` inside the bucket (default berth/)",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Prefix })},
-	{flag: "s3-region", key: "s3.region", env: "BERTH_S3_REGION", usage: "S3 `REGION` (default us-east-1)",
+	{flag: "s3-region", key: "s3.region", env: "BERTH_S3_REGION", usage: "S3 `REGION` (default $AWS_REGION or the shared AWS config, else us-east-1)",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Region })},
 	{flag: "s3-endpoint", key: "s3.endpoint", env: "BERTH_S3_ENDPOINT", usage: "S3 endpoint `URL` for MinIO, Ceph and other S3-compatible stores",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Endpoint })},
