@@ -158,6 +158,12 @@ func (s *Server) fetchManifest(ctx context.Context, t target, ref, accept string
 	if len(body) > maxManifestSize {
 		return storage.Key{}, storage.Manifest{}, fmt.Errorf("upstream %s sent a manifest over 4 MiB", t.up.host)
 	}
+	// Without a digest to check against (a tag whose answer lacks
+	// Docker-Content-Digest) any body hashes to itself: a proxy's error page
+	// must not become the tag's manifest.
+	if !json.Valid(body) {
+		return storage.Key{}, storage.Manifest{}, &upstreamError{host: t.up.host, err: fmt.Errorf("manifest %s is not JSON (Content-Type %q)", ref, resp.Header.Get("Content-Type"))}
+	}
 	if want == "" {
 		if hd, err := digest.Parse(resp.Header.Get("Docker-Content-Digest")); err == nil {
 			want = hd
