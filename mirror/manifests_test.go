@@ -317,3 +317,34 @@ func TestManifestThatCannotBeStored(t *testing.T) {
 		errorCode(t, r, http.StatusServiceUnavailable, "UNAVAILABLE")
 	}
 }
+
+// A 200 that is not a manifest (a proxy's or captive portal's page, with no
+// Docker-Content-Digest) must not be cached as the tag's manifest.
+func TestNonManifestAnswerIsNotCached(t *testing.T) {
+	up := newFakeUpstream(t)
+	h := newHarness(t, up)
+	img := randomImage(t)
+	d := up.pushImage("org/app", "v1", img)
+	path := manifestPath("org/app", "v1")
+	portal := func(w http.ResponseWriter, r *http.Request, _ http.Handler) {
+		w.Header().Set("Content-Type", "text/html")
+		w.Write([]byte("<html>please log in</html>"))
+	}
+	up.set("GET", path, portal)
+	errorCode(t, h.get(path), http.StatusServiceUnavailable, "UNAVAILABLE")
+	if _, err := h.local.GetTag(config.DockerHub, "org/app", "v1"); !errors.Is(err, storage.ErrNotFound) {
+		t.Fatalf("tag recorded from a non-manifest answer (GetTag: %v)", err)
+	}
+	up.clear("GET", path)
+	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
+
+	// With a cached copy, such an answer during revalidation means stale.
+	h.ageTag(config.DockerHub, "org/app", "v1")
+	up.set("HEAD", path, status(http.StatusOK))
+	up.set("GET", path, portal)
+	r := h.get(path)
+	checkManifest(t, r, string(types.DockerManifestSchema2), d, rawManifest(t, img))
+	if r.Header.Get("Berth-Stale") != "true" {
+		t.Fatal("revalidation answered by a non-manifest page did not serve stale")
+	}
+}
