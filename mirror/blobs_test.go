@@ -101,11 +101,7 @@ func TestBlobConcurrentClientsShareOneDownload(t *testing.T) {
 }
 
 func TestBlobDigestMismatchIsNotServedOrCached(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(2, 300<<10)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
+	up, h, content, d, path := newBlobFixture(t, 2, 300<<10)
 
 	// One client is streaming the blob when the corruption is found at the end.
 	gate := make(chan struct{})
@@ -135,19 +131,12 @@ func TestBlobDigestMismatchIsNotServedOrCached(t *testing.T) {
 	// A client arriving afterwards gets an error, never the bad bytes.
 	up.set("GET", path, corrupt())
 	r := h.get(path)
-	if r.StatusCode == http.StatusOK && r.readErr == nil {
-		t.Fatalf("client got a complete 200 body (%d bytes) of corrupt content", len(r.body))
-	}
-	if r.StatusCode != http.StatusOK {
-		errorCode(t, r, http.StatusServiceUnavailable, "UNAVAILABLE")
-	}
+	cutOrError(t, r, http.StatusServiceUnavailable, "UNAVAILABLE")
 	if _, ok := h.local.HasBlob(blobKey(d)); ok {
 		t.Fatal("corrupt blob was cached")
 	}
 	eventually(t, "temp files removed", h.tmpEmpty)
-	if got := h.metric("berth_digest_mismatches_total", nil); got != 2 {
-		t.Fatalf("berth_digest_mismatches_total = %v, want 2", got)
-	}
+	h.wantMetric("berth_digest_mismatches_total", nil, 2)
 
 	// Once the upstream is fixed, berth fetches again and caches.
 	up.clear("GET", path)
@@ -162,20 +151,14 @@ func TestBlobDigestMismatchIsNotServedOrCached(t *testing.T) {
 // An upstream that sends more or fewer bytes than it announced is as bad as
 // a wrong digest.
 func TestBlobWrongLengthIsNotCached(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(3, 10<<10)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
+	up, h, content, d, path := newBlobFixture(t, 3, 10<<10)
 	up.set("GET", path, func(w http.ResponseWriter, r *http.Request, _ http.Handler) {
 		w.Header().Set("Content-Length", strconv.Itoa(len(content)))
 		w.WriteHeader(200)
 		w.Write(content[:len(content)-5]) // then the connection ends
 	})
 	r := h.get(path)
-	if r.StatusCode == http.StatusOK && r.readErr == nil {
-		t.Fatalf("complete 200 from a truncated upstream answer (%d bytes)", len(r.body))
-	}
+	cutOrError(t, r, http.StatusServiceUnavailable, "UNAVAILABLE")
 	if _, ok := h.local.HasBlob(blobKey(d)); ok {
 		t.Fatal("truncated blob cached")
 	}
@@ -183,11 +166,7 @@ func TestBlobWrongLengthIsNotCached(t *testing.T) {
 }
 
 func TestBlobRangeAndConditionalFromCache(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(4, 100<<10)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
+	up, h, content, d, path := newBlobFixture(t, 4, 100<<10)
 	wantOK(t, h.get(path), content)
 	eventually(t, "blob in cache", func() bool { _, ok := h.local.HasBlob(blobKey(d)); return ok })
 
@@ -216,78 +195,80 @@ func TestBlobRangeAndConditionalFromCache(t *testing.T) {
 	}
 }
 
-func TestBlobRangeWhileDownloading(t *testing.T) {
+// stalledDownload is a blob whose upstream answer stops after pauseAt bytes
+// until gate is closed, with a first client waiting for all of it on whole.
+type stalledDownload struct {
+	h       *harness
+	up      *fakeUpstream
+	content []byte
+	d       digest.Digest
+	path    string
+	gate    chan struct{}
+	whole   <-chan response
+}
+
+func newStalledDownload(t *testing.T, seed int64, size, pauseAt int) *stalledDownload {
+	t.Helper()
 	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(5, 512<<10)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
-	gate := make(chan struct{})
-	up.set("GET", path, up.pauseAfter(128<<10, gate, nil))
-
-	// Start the download with a client that waits for the whole blob.
+	s := &stalledDownload{h: newHarness(t, up), up: up, content: randomBytes(seed, size), gate: make(chan struct{})}
+	s.d = up.pushBlob("org/app", s.content)
+	s.path = blobPath("org/app", s.d)
+	up.set("GET", s.path, up.pauseAfter(pauseAt, s.gate, nil))
 	whole := make(chan response, 1)
-	go func() { whole <- h.get(path) }()
-	eventually(t, "download started", func() bool { return up.count("GET", path) == 1 })
+	go func() { whole <- s.h.get(s.path) }()
+	s.whole = whole
+	eventually(t, "download started", func() bool { return up.count("GET", s.path) == 1 })
+	return s
+}
 
-	// A range inside what has arrived is answered while the upstream stalls.
-	r := h.get(path, "Range", "bytes=1000-1999")
-	if r.StatusCode != http.StatusPartialContent || !bytes.Equal(r.body, content[1000:2000]) {
-		t.Fatalf("Range during download: status %d, %d bytes, err %v", r.StatusCode, len(r.body), r.readErr)
-	}
-	if cr := r.Header.Get("Content-Range"); cr != fmt.Sprintf("bytes 1000-1999/%d", len(content)) {
-		t.Fatalf("Content-Range %q", cr)
-	}
-	// A range past it waits for the bytes.
-	late := make(chan response, 1)
-	go func() { late <- h.get(path, "Range", "bytes=400000-400099") }()
-	close(gate)
-	r, err := within(late, testTimeout)
-	if err != nil {
-		t.Fatal("range past the downloaded part never answered")
-	}
-	if r.StatusCode != http.StatusPartialContent || !bytes.Equal(r.body, content[400000:400100]) {
-		t.Fatalf("late Range: status %d, %d bytes, err %v", r.StatusCode, len(r.body), r.readErr)
-	}
-	r, err = within(whole, testTimeout)
+// finish lets the upstream send the rest and checks the first client got it all, fetched once.
+func (s *stalledDownload) finish(t *testing.T) {
+	t.Helper()
+	close(s.gate)
+	r, err := within(s.whole, testTimeout)
 	if err != nil {
 		t.Fatal("whole-blob client never finished")
 	}
-	wantOK(t, r, content)
-	if n := up.count("GET", path); n != 1 {
+	wantOK(t, r, s.content)
+	if n := s.up.count("GET", s.path); n != 1 {
 		t.Fatalf("upstream GETs %d, want 1", n)
 	}
 }
 
+func TestBlobRangeWhileDownloading(t *testing.T) {
+	s := newStalledDownload(t, 5, 512<<10, 128<<10)
+	// A range inside what has arrived is answered while the upstream stalls.
+	r := s.h.get(s.path, "Range", "bytes=1000-1999")
+	if r.StatusCode != http.StatusPartialContent || !bytes.Equal(r.body, s.content[1000:2000]) {
+		t.Fatalf("Range during download: status %d, %d bytes, err %v", r.StatusCode, len(r.body), r.readErr)
+	}
+	if cr := r.Header.Get("Content-Range"); cr != fmt.Sprintf("bytes 1000-1999/%d", len(s.content)) {
+		t.Fatalf("Content-Range %q", cr)
+	}
+	// A range past it waits for the bytes.
+	late := make(chan response, 1)
+	go func() { late <- s.h.get(s.path, "Range", "bytes=400000-400099") }()
+	s.finish(t)
+	r, err := within(late, testTimeout)
+	if err != nil {
+		t.Fatal("range past the downloaded part never answered")
+	}
+	if r.StatusCode != http.StatusPartialContent || !bytes.Equal(r.body, s.content[400000:400100]) {
+		t.Fatalf("late Range: status %d, %d bytes, err %v", r.StatusCode, len(r.body), r.readErr)
+	}
+}
+
 func TestBlobConditionalWhileDownloading(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(6, 256<<10)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
-	gate := make(chan struct{})
-	up.set("GET", path, up.pauseAfter(64<<10, gate, nil))
-	whole := make(chan response, 1)
-	go func() { whole <- h.get(path) }()
-	eventually(t, "download started", func() bool { return up.count("GET", path) == 1 })
-	r := h.get(path, "If-None-Match", `"`+d.String()+`"`)
+	s := newStalledDownload(t, 6, 256<<10, 64<<10)
+	r := s.h.get(s.path, "If-None-Match", `"`+s.d.String()+`"`)
 	if r.StatusCode != http.StatusNotModified {
 		t.Fatalf("If-None-Match during download: %d, want 304", r.StatusCode)
 	}
-	close(gate)
-	r, err := within(whole, testTimeout)
-	if err != nil {
-		t.Fatal("download never finished")
-	}
-	wantOK(t, r, content)
+	s.finish(t)
 }
 
 func TestBlobClientDisconnectDoesNotAbortDownload(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(7, 1<<20)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
+	up, h, content, d, path := newBlobFixture(t, 7, 1<<20)
 	gate := make(chan struct{})
 	up.set("GET", path, up.pauseAfter(200<<10, gate, nil))
 
@@ -327,33 +308,21 @@ func TestBlobDiskFullPassesThrough(t *testing.T) {
 	if _, ok := h.local.HasBlob(blobKey(d)); ok {
 		t.Fatal("blob cached on a full disk")
 	}
-	if got := h.metric("berth_passthrough_total", nil); got != 1 {
-		t.Fatalf("berth_passthrough_total = %v, want 1", got)
-	}
+	h.wantMetric("berth_passthrough_total", nil, 1)
 	eventually(t, "no temp files", h.tmpEmpty)
 	// Still no room: served again, still through.
 	wantOK(t, h.get(path), content)
-	if got := h.metric("berth_passthrough_total", nil); got != 2 {
-		t.Fatalf("berth_passthrough_total = %v, want 2", got)
-	}
-	if got := h.metric("berth_bytes_served_total", map[string]string{"source": "upstream"}); got != float64(2*len(content)) {
-		t.Fatalf("upstream bytes served %v, want %d", got, 2*len(content))
-	}
+	h.wantMetric("berth_passthrough_total", nil, 2)
+	h.wantMetric("berth_bytes_served_total", map[string]string{"source": "upstream"}, float64(2*len(content)))
 	// Passthrough verifies too: corrupt content never arrives whole.
 	up.set("GET", path, corrupt())
 	r := h.get(path)
-	if r.StatusCode == http.StatusOK && r.readErr == nil {
-		t.Fatalf("passthrough delivered a complete corrupt body (%d bytes)", len(r.body))
-	}
+	cutOrError(t, r, http.StatusServiceUnavailable, "UNAVAILABLE")
 }
 
 // Registries behind some proxies stream blobs without Content-Length.
 func TestBlobWithoutContentLength(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(9, 200<<10)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
+	up, h, content, d, path := newBlobFixture(t, 9, 200<<10)
 	up.set("GET", path, chunked())
 	var wg sync.WaitGroup
 	for range 5 {
@@ -412,11 +381,7 @@ func TestServeFlightFinishedWithUnknownSize(t *testing.T) {
 }
 
 func TestBlobHeadUncachedAsksUpstreamOnly(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(11, 5000)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
+	up, h, _, d, path := newBlobFixture(t, 11, 5000)
 	r := h.do("HEAD", path)
 	if r.StatusCode != 200 || len(r.body) != 0 || r.Header.Get("Content-Length") != "5000" || r.Header.Get("Docker-Content-Digest") != d.String() {
 		t.Fatalf("HEAD uncached blob: %d, headers %v", r.StatusCode, r.Header)
@@ -430,11 +395,7 @@ func TestBlobHeadUncachedAsksUpstreamOnly(t *testing.T) {
 
 // Close must leave no half-written download behind.
 func TestCloseDiscardsDownloadsInProgress(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(12, 300<<10)
-	d := up.pushBlob("org/app", content)
-	path := blobPath("org/app", d)
+	up, h, _, d, path := newBlobFixture(t, 12, 300<<10)
 	up.set("GET", path, up.pauseAfter(100<<10, make(chan struct{}), nil))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

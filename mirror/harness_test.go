@@ -327,13 +327,37 @@ func newHarness(t *testing.T, up *fakeUpstream, opts ...func(*setup)) *harness {
 	return h
 }
 
+// newBlobFixture is a berth whose upstream holds one blob of org/app.
+func newBlobFixture(t *testing.T, seed int64, size int) (up *fakeUpstream, h *harness, content []byte, d digest.Digest, path string) {
+	t.Helper()
+	up = newFakeUpstream(t)
+	h = newHarness(t, up)
+	content = randomBytes(seed, size)
+	d = up.pushBlob("org/app", content)
+	return up, h, content, d, blobPath("org/app", d)
+}
+
 // upstreamHost is the fake's registry name as berth knows it.
 func (h *harness) upstreamHost() string { return h.up.host }
 
 type response struct {
 	*http.Response
 	body    []byte
-	readErr error // the body ended early (connection cut)
+	readErr error // no answer, or the body ended early (connection cut)
+}
+
+// cutOrError checks r did not deliver a complete 200: berth either cut the
+// connection or answered with the registry error status and code.
+func cutOrError(t *testing.T, r response, status int, code string) {
+	t.Helper()
+	switch {
+	case r.StatusCode == http.StatusOK && r.readErr == nil:
+		t.Fatalf("%s %s: complete 200 body of %d bytes, want a cut connection or %s", r.Request.Method, r.Request.URL.Path, len(r.body), code)
+	case r.StatusCode == 0 || r.StatusCode == http.StatusOK:
+		// cut short
+	default:
+		errorCode(t, r, status, code)
+	}
 }
 
 func (h *harness) do(method, path string, hdr ...string) response {
@@ -354,7 +378,9 @@ func (h *harness) doCtx(ctx context.Context, method, path string, hdr ...string)
 	}
 	resp, err := h.ts.Client().Do(req)
 	if err != nil {
-		h.t.Fatalf("%s %s: %v", method, path, err)
+		// No answer at all (berth cut the connection before its headers
+		// went out) is status 0 with the error.
+		return response{Response: &http.Response{Request: req, Header: http.Header{}}, readErr: err}
 	}
 	defer resp.Body.Close()
 	body, rerr := io.ReadAll(resp.Body)
@@ -434,6 +460,24 @@ func (h *harness) metric(family string, want map[string]string) float64 {
 		}
 	}
 	return total
+}
+
+// wantMetric waits for a metric to reach want: berth counts a request
+// after its handler returns, which can be after the client has read the
+// whole answer.
+func (h *harness) wantMetric(family string, labels map[string]string, want float64) {
+	h.t.Helper()
+	deadline := time.Now().Add(2 * time.Second)
+	for {
+		got := h.metric(family, labels)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			h.t.Fatalf("%s%v = %v, want %v", family, labels, got, want)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }
 
 func labelsMatch(m *dto.Metric, want map[string]string) bool {

@@ -29,6 +29,16 @@ func randomImage(t *testing.T) v1.Image {
 	return img
 }
 
+// newTagFixture is a berth whose upstream holds a random image as org/app:v1.
+func newTagFixture(t *testing.T) (up *fakeUpstream, h *harness, img v1.Image, d digest.Digest, path string) {
+	t.Helper()
+	up = newFakeUpstream(t)
+	h = newHarness(t, up)
+	img = randomImage(t)
+	d = up.pushImage("org/app", "v1", img)
+	return up, h, img, d, manifestPath("org/app", "v1")
+}
+
 func rawManifest(t *testing.T, m interface{ RawManifest() ([]byte, error) }) []byte {
 	t.Helper()
 	b, err := m.RawManifest()
@@ -115,52 +125,39 @@ func TestManifestMediaTypesAndHeaders(t *testing.T) {
 	}
 }
 
-func TestManifestByDigestMismatch(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	img := randomImage(t)
-	d := up.pushImage("org/app", "v1", img)
-	path := manifestPath("org/app", d.String())
-	up.set("GET", path, corrupt())
+func TestManifestDigestMismatch(t *testing.T) {
+	for _, byTag := range []bool{false, true} {
+		t.Run(map[bool]string{false: "by digest", true: "by tag"}[byTag], func(t *testing.T) {
+			up := newFakeUpstream(t)
+			h := newHarness(t, up)
+			img := randomImage(t)
+			d := up.pushImage("org/app", "v1", img)
+			ref := d.String()
+			if byTag {
+				ref = "v1"
+			}
+			path := manifestPath("org/app", ref)
+			up.set("GET", path, corrupt())
 
-	errorCode(t, h.get(path), http.StatusServiceUnavailable, "UNAVAILABLE")
-	if _, err := h.local.GetManifest(storage.Key{Upstream: config.DockerHub, Digest: d}); !errors.Is(err, storage.ErrNotFound) {
-		t.Fatalf("corrupt manifest cached (GetManifest: %v)", err)
+			errorCode(t, h.get(path), http.StatusServiceUnavailable, "UNAVAILABLE")
+			if _, err := h.local.GetManifest(storage.Key{Upstream: config.DockerHub, Digest: d}); !errors.Is(err, storage.ErrNotFound) {
+				t.Fatalf("corrupt manifest cached (GetManifest: %v)", err)
+			}
+			if _, err := h.local.GetTag(config.DockerHub, "org/app", "v1"); !errors.Is(err, storage.ErrNotFound) {
+				t.Fatalf("tag recorded from corrupt content (GetTag: %v)", err)
+			}
+			h.wantMetric("berth_digest_mismatches_total", nil, 1)
+			up.clear("GET", path)
+			checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
+			if n := up.count("GET", path); n != 2 {
+				t.Fatalf("upstream GETs %d, want 2 (the corrupt one and a refetch)", n)
+			}
+		})
 	}
-	if got := h.metric("berth_digest_mismatches_total", nil); got != 1 {
-		t.Fatalf("berth_digest_mismatches_total = %v, want 1", got)
-	}
-	up.clear("GET", path)
-	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
-	if n := up.count("GET", path); n != 2 {
-		t.Fatalf("upstream GETs %d, want 2 (the corrupt one and a refetch)", n)
-	}
-}
-
-func TestManifestByTagMismatch(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	img := randomImage(t)
-	d := up.pushImage("org/app", "v1", img)
-	path := manifestPath("org/app", "v1")
-	up.set("GET", path, corrupt())
-	errorCode(t, h.get(path), http.StatusServiceUnavailable, "UNAVAILABLE")
-	if _, err := h.local.GetTag(config.DockerHub, "org/app", "v1"); !errors.Is(err, storage.ErrNotFound) {
-		t.Fatalf("tag recorded from corrupt content (GetTag: %v)", err)
-	}
-	if got := h.metric("berth_digest_mismatches_total", nil); got != 1 {
-		t.Fatalf("berth_digest_mismatches_total = %v, want 1", got)
-	}
-	up.clear("GET", path)
-	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
 }
 
 func TestTagWithinTTLAsksUpstreamNothing(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	img := randomImage(t)
-	d := up.pushImage("org/app", "v1", img)
-	path := manifestPath("org/app", "v1")
+	up, h, img, d, path := newTagFixture(t)
 	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
 	up.resetCounts()
 	for range 3 {
@@ -175,11 +172,7 @@ func TestTagWithinTTLAsksUpstreamNothing(t *testing.T) {
 }
 
 func TestTagRevalidatesWithHeadAfterTTL(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	img := randomImage(t)
-	d := up.pushImage("org/app", "v1", img)
-	path := manifestPath("org/app", "v1")
+	up, h, img, d, path := newTagFixture(t)
 	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
 	h.ageTag(config.DockerHub, "org/app", "v1")
 	up.resetCounts()
@@ -253,9 +246,7 @@ func TestStaleIfError(t *testing.T) {
 			if elapsed > 2*time.Second {
 				t.Fatalf("stale answer took %v with stale_timeout 300ms", elapsed)
 			}
-			if got := h.metric("berth_stale_serves_total", map[string]string{"upstream": config.DockerHub}); got != 1 {
-				t.Fatalf("berth_stale_serves_total = %v, want 1", got)
-			}
+			h.wantMetric("berth_stale_serves_total", map[string]string{"upstream": config.DockerHub}, 1)
 			// HEAD is served stale as well.
 			r = h.do("HEAD", path)
 			checkManifest(t, r, string(types.DockerManifestSchema2), d, rawManifest(t, img))
@@ -268,11 +259,7 @@ func TestStaleIfError(t *testing.T) {
 
 // A tag the upstream says is gone is gone: no stale copy.
 func TestTagDeletedUpstreamIsNotServedStale(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	img := randomImage(t)
-	d := up.pushImage("org/app", "v1", img)
-	path := manifestPath("org/app", "v1")
+	up, h, img, d, path := newTagFixture(t)
 	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
 	h.ageTag(config.DockerHub, "org/app", "v1")
 	up.set("*", path, status(http.StatusNotFound))
@@ -281,9 +268,7 @@ func TestTagDeletedUpstreamIsNotServedStale(t *testing.T) {
 	if r.Header.Get("Berth-Stale") != "" {
 		t.Fatal("404 answer marked stale")
 	}
-	if got := h.metric("berth_stale_serves_total", nil); got != 0 {
-		t.Fatalf("berth_stale_serves_total = %v after a 404", got)
-	}
+	h.wantMetric("berth_stale_serves_total", nil, 0)
 }
 
 func TestUncachedTagWithUpstreamDown(t *testing.T) {
@@ -321,11 +306,7 @@ func TestManifestThatCannotBeStored(t *testing.T) {
 // A 200 that is not a manifest (a proxy's or captive portal's page, with no
 // Docker-Content-Digest) must not be cached as the tag's manifest.
 func TestNonManifestAnswerIsNotCached(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	img := randomImage(t)
-	d := up.pushImage("org/app", "v1", img)
-	path := manifestPath("org/app", "v1")
+	up, h, img, d, path := newTagFixture(t)
 	portal := func(w http.ResponseWriter, r *http.Request, _ http.Handler) {
 		w.Header().Set("Content-Type", "text/html")
 		w.Write([]byte("<html>please log in</html>"))

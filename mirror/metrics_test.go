@@ -20,12 +20,7 @@ func TestMetricsFollowRequests(t *testing.T) {
 	up.pushImage("org/app", "v1", img)
 	size := float64(len(content))
 
-	expect := func(family string, labels map[string]string, want float64) {
-		t.Helper()
-		if got := h.metric(family, labels); got != want {
-			t.Errorf("%s%v = %v, want %v", family, labels, got, want)
-		}
-	}
+	expect := h.wantMetric
 
 	wantOK(t, h.get(blobPath("org/app", d)), content)
 	eventually(t, "blob cached", func() bool { _, ok := h.local.HasBlob(blobKey(d)); return ok })
