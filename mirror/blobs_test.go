@@ -9,8 +9,10 @@ import (
 	"net/http/httptest"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -459,4 +461,51 @@ func TestRestartServesOnlyCommittedBlobs(t *testing.T) {
 	}
 	wantOK(t, h2.get(blobPath("org/app", dDone)), done)
 	errorCode(t, h2.get(blobPath("org/app", dPartial)), http.StatusServiceUnavailable, "UNAVAILABLE")
+}
+
+// A reader gets every byte but the last while the download runs; the last
+// comes only with a verified commit, so corrupt content is never whole.
+func TestFlightHoldsBackLastByteUntilVerified(t *testing.T) {
+	for _, verified := range []bool{true, false} {
+		f, err := os.CreateTemp(t.TempDir(), "flight")
+		if err != nil {
+			t.Fatal(err)
+		}
+		content := randomBytes(50, 1000)
+		f.Write(content)
+		fl := &flight{size: int64(len(content)), rf: f, started: make(chan struct{})}
+		fl.cond = sync.NewCond(&fl.mu)
+		close(fl.started)
+		rd := fl.newReader(context.Background())
+		fl.publish(int64(len(content)))
+		buf := make([]byte, len(content))
+		if _, err := io.ReadFull(rd, buf[:len(content)-1]); err != nil {
+			t.Fatalf("reading what has arrived: %v", err)
+		}
+		last := make(chan error, 1)
+		go func() {
+			n, err := rd.Read(buf[len(content)-1:])
+			if n > 0 {
+				err = fmt.Errorf("got the last byte (err %v)", err)
+			}
+			last <- err
+		}()
+		// The reader must still be waiting when the verdict comes; a reader
+		// that got the last byte early answers at once.
+		if err, e := within(last, 200*time.Millisecond); e == nil {
+			t.Fatalf("last byte released before the download finished: %v", err)
+		}
+		if verified {
+			fl.finish(nil, nil)
+			if err, e := within(last, testTimeout); e != nil || err == nil || !strings.Contains(err.Error(), "got the last byte") {
+				t.Fatalf("after a verified commit the reader did not get the last byte: %v %v", err, e)
+			}
+		} else {
+			fl.finish(storage.ErrDigestMismatch, nil)
+			if err, e := within(last, testTimeout); e != nil || err != errFlightAborted {
+				t.Fatalf("after a failed verification the reader got %v %v, want errFlightAborted", err, e)
+			}
+		}
+		rd.Close()
+	}
 }

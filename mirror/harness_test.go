@@ -18,6 +18,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -280,6 +281,8 @@ type harness struct {
 	ts    *httptest.Server
 	reg   *prometheus.Registry
 	cfg   *config.Config
+
+	active atomic.Int64 // requests inside berth's handler now
 }
 
 type setup struct {
@@ -316,7 +319,11 @@ func newHarness(t *testing.T, up *fakeUpstream, opts ...func(*setup)) *harness {
 		t.Fatalf("mirror.New: %v", err)
 	}
 	h := &harness{t: t, up: up, root: s.root, local: local, srv: srv, reg: reg, cfg: s.cfg}
-	h.ts = httptest.NewServer(srv)
+	h.ts = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.active.Add(1)
+		defer h.active.Add(-1)
+		srv.ServeHTTP(w, r)
+	}))
 	// Cleanups run last-registered first: free hung upstream handlers, let
 	// berth's handlers finish, stop its downloads, then the upstream goes.
 	t.Cleanup(srv.Close)

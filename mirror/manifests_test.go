@@ -329,3 +329,34 @@ func TestNonManifestAnswerIsNotCached(t *testing.T) {
 		t.Fatal("revalidation answered by a non-manifest page did not serve stale")
 	}
 }
+
+// Many clients asking for one uncached manifest make one upstream request.
+func TestManifestConcurrentClientsShareOneFetch(t *testing.T) {
+	up := newFakeUpstream(t)
+	img := randomImage(t)
+	d := up.pushImage("org/app", "v1", img)
+	for _, path := range []string{manifestPath("org/app", "v1"), manifestPath("org/app", d.String())} {
+		h := newHarness(t, up) // a cold cache per kind of reference
+		gate := make(chan struct{})
+		up.set("GET", path, up.pauseAfter(10, gate, nil))
+		const clients = 20
+		results := make(chan response, clients)
+		for range clients {
+			go func() { results <- h.get(path) }()
+		}
+		// All clients are inside berth while the upstream holds the answer.
+		eventually(t, "clients waiting in berth", func() bool { return h.active.Load() == clients })
+		close(gate)
+		for range clients {
+			r, err := within(results, testTimeout)
+			if err != nil {
+				t.Fatal("client never answered")
+			}
+			checkManifest(t, r, string(types.DockerManifestSchema2), d, rawManifest(t, img))
+		}
+		if n := up.count("GET", path); n != 1 {
+			t.Fatalf("%d clients made %d upstream GETs of %s, want 1", clients, n, path)
+		}
+		up.clear("GET", path)
+	}
+}
