@@ -266,6 +266,10 @@ func (b *bench) scenarioCPU(ctx context.Context) error {
 			b.logf("%s, repetition %d: %.2f CPU-s for %s in %.2f s (%.2f GiB/s): %.3f CPU-s/GiB",
 				s.kind, rep+1, c1-c0, sizeString(int64(served)), wall.Seconds(), served/gib/wall.Seconds(), v)
 			if s == nginx {
+				if c1 == c0 {
+					return fmt.Errorf("nginx used less CPU than the clock's resolution (%v) serving %s; raise -big or -cpu-reads",
+						time.Second/clockTicks, sizeString(int64(served)))
+				}
 				nginxCPU = v
 				nginxSamples = append(nginxSamples, v)
 				continue

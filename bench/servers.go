@@ -151,38 +151,58 @@ func (b *bench) newDir(kind string) (string, error) {
 	return dir, os.MkdirAll(dir, 0o755)
 }
 
+// launch starts a server on a free port. cmdFor prepares the command for an
+// address (writing any config it needs into dir). The port is picked before
+// the daemon binds it, so another process on this shared machine may take
+// it first; a daemon that dies before it answers is tried again on another.
+func (b *bench) launch(ctx context.Context, kind, readyPath string, cmdFor func(dir, addr string) (*exec.Cmd, error)) (*server, error) {
+	dir, err := b.newDir(kind)
+	if err != nil {
+		return nil, err
+	}
+	for attempt := 1; ; attempt++ {
+		addr, err := freeAddr()
+		if err != nil {
+			return nil, err
+		}
+		cmd, err := cmdFor(dir, addr)
+		if err != nil {
+			return nil, err
+		}
+		p, err := b.start(kind, cmd)
+		if err != nil {
+			return nil, err
+		}
+		s := &server{kind: kind, p: p, addr: addr, dir: dir}
+		err = waitReady(ctx, p, s.url()+readyPath)
+		if err == nil {
+			return s, nil
+		}
+		p.stop()
+		if !p.exited() || attempt == 3 || ctx.Err() != nil {
+			return nil, err
+		}
+		b.logf("%s did not start (retrying on another port): %v", kind, err)
+	}
+}
+
 // startBerth runs berth with an empty cache, the upstream reached through
 // the throttled link.
 func (b *bench) startBerth(ctx context.Context, tagTTL time.Duration) (*server, error) {
-	dir, err := b.newDir("berth")
-	if err != nil {
-		return nil, err
-	}
-	addr, err := freeAddr()
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(b.opt.berthBin, "serve",
-		"--listen", addr,
-		"--data", dir,
-		"--upstream", upstreamName+"=http://"+b.link.addr,
-		"--default-upstream", upstreamName,
-		"--tag-ttl", tagTTL.String(),
-		"--cache-size", "64GiB",
-		"--log-level", "warn",
-	)
-	// The benchmark's own BERTH_* settings must not leak into the daemon.
-	cmd.Env = cleanEnv("BERTH_")
-	p, err := b.start("berth", cmd)
-	if err != nil {
-		return nil, err
-	}
-	s := &server{kind: "berth", p: p, addr: addr, dir: dir}
-	if err := waitReady(ctx, p, s.url()+"/v2/"); err != nil {
-		p.stop()
-		return nil, err
-	}
-	return s, nil
+	return b.launch(ctx, "berth", "/v2/", func(dir, addr string) (*exec.Cmd, error) {
+		cmd := exec.Command(b.opt.berthBin, "serve",
+			"--listen", addr,
+			"--data", filepath.Join(dir, "data"),
+			"--upstream", upstreamName+"=http://"+b.link.addr,
+			"--default-upstream", upstreamName,
+			"--tag-ttl", tagTTL.String(),
+			"--cache-size", "64GiB",
+			"--log-level", "warn",
+		)
+		// The benchmark's own BERTH_* settings must not leak into the daemon.
+		cmd.Env = cleanEnv("BERTH_")
+		return cmd, nil
+	})
 }
 
 const registryConfig = `version: 0.1
@@ -201,36 +221,21 @@ http:
 %s`
 
 func (b *bench) startRegistry(ctx context.Context, kind, extra string) (*server, error) {
-	dir, err := b.newDir(kind)
-	if err != nil {
-		return nil, err
-	}
-	addr, err := freeAddr()
-	if err != nil {
-		return nil, err
-	}
-	cfg := filepath.Join(dir, "config.yml")
-	level := "warn"
-	if b.opt.verbose {
-		level = "info"
-	}
-	conf := fmt.Sprintf(registryConfig, level, filepath.Join(dir, "storage"), addr, extra)
-	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(b.opt.registryBin, "serve", cfg)
-	// Otherwise it exports traces to an OTLP collector that is not there.
-	cmd.Env = append(cleanEnv("REGISTRY_"), "OTEL_TRACES_EXPORTER=none")
-	p, err := b.start(kind, cmd)
-	if err != nil {
-		return nil, err
-	}
-	s := &server{kind: kind, p: p, addr: addr, dir: dir}
-	if err := waitReady(ctx, p, s.url()+"/v2/"); err != nil {
-		p.stop()
-		return nil, err
-	}
-	return s, nil
+	return b.launch(ctx, kind, "/v2/", func(dir, addr string) (*exec.Cmd, error) {
+		level := "warn"
+		if b.opt.verbose {
+			level = "info"
+		}
+		cfg := filepath.Join(dir, "config.yml")
+		conf := fmt.Sprintf(registryConfig, level, filepath.Join(dir, "storage"), addr, extra)
+		if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
+			return nil, err
+		}
+		cmd := exec.Command(b.opt.registryBin, "serve", cfg)
+		// Otherwise it exports traces to an OTLP collector that is not there.
+		cmd.Env = append(cleanEnv("REGISTRY_"), "OTEL_TRACES_EXPORTER=none")
+		return cmd, nil
+	})
 }
 
 // startUpstream runs the registry that plays Docker Hub.
@@ -270,36 +275,21 @@ http {
 
 // startNginx serves root with sendfile: the yardstick for serving hot blobs.
 func (b *bench) startNginx(ctx context.Context, root string) (*server, error) {
-	dir, err := b.newDir("nginx")
-	if err != nil {
-		return nil, err
-	}
-	addr, err := freeAddr()
-	if err != nil {
-		return nil, err
-	}
-	// As root, nginx's workers switch to an unprivileged user by default;
-	// keep them as the benchmark's user so they can read the work dir.
-	user := ""
-	if os.Geteuid() == 0 {
-		user = "user root;"
-	}
-	conf := fmt.Sprintf(nginxConfig, nginxWorkers(), dir, addr, root, user)
-	cfg := filepath.Join(dir, "nginx.conf")
-	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(b.opt.nginxBin, "-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", cfg)
-	p, err := b.start("nginx", cmd)
-	if err != nil {
-		return nil, err
-	}
-	s := &server{kind: "nginx", p: p, addr: addr, dir: dir}
-	if err := waitReady(ctx, p, s.url()+"/"+bigBlobFile); err != nil {
-		p.stop()
-		return nil, err
-	}
-	return s, nil
+	return b.launch(ctx, "nginx", "/"+bigBlobFile, func(dir, addr string) (*exec.Cmd, error) {
+		// As root, nginx's workers switch to an unprivileged user by
+		// default; keep them as the benchmark's user so they can read the
+		// work directory.
+		user := ""
+		if os.Geteuid() == 0 {
+			user = "user root;"
+		}
+		conf := fmt.Sprintf(nginxConfig, nginxWorkers(), dir, addr, root, user)
+		cfg := filepath.Join(dir, "nginx.conf")
+		if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
+			return nil, err
+		}
+		return exec.Command(b.opt.nginxBin, "-e", filepath.Join(dir, "error.log"), "-p", dir, "-c", cfg), nil
+	})
 }
 
 // nginxWorkers is one worker per core, nginx's "auto".

@@ -125,10 +125,14 @@ func (t *table) write(w io.Writer) {
 			writeLine(w, sep, widths)
 		}
 	}
-	fmt.Fprintln(w, "\nsamples (each repetition, in run order):")
+	header = nil
 	for _, r := range t.rows {
 		if len(r.berth.samples) < 2 && len(r.dist.samples) < 2 {
 			continue
+		}
+		if header == nil {
+			header = []string{"samples"}
+			fmt.Fprintln(w, "\nsamples (each repetition, in run order):")
 		}
 		fmt.Fprintf(w, "  %s: berth %s; distribution %s\n", r.metric, samples(r.format, r.berth.samples), samples(r.format, r.dist.samples))
 	}

@@ -1,0 +1,225 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// need skips the test when a tool is missing, except in CI, where nothing
+// may be skipped.
+func need(t *testing.T, root, tool string) {
+	t.Helper()
+	var err error
+	if tool == "go" {
+		_, err = exec.LookPath("go")
+	} else {
+		_, err = findTool(root, tool)
+	}
+	if err == nil {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("%v (CI=true: tools must be installed; scripts/test installs them)", err)
+	}
+	t.Skipf("%v; scripts/test installs it", err)
+}
+
+// TestQuickRun runs the whole benchmark with tiny sizes and checks that the
+// table has every row and that its numbers parse and make sense.
+func TestQuickRun(t *testing.T) {
+	root, err := moduleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tool := range []string{"go", "registry", "nginx"} {
+		need(t, root, tool)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var out, log bytes.Buffer
+	args := []string{"-quick", "-layer-size", "128KiB", "-big", "16MiB", "-ns", "1,3", "-wall-n", "3",
+		"-reps", "2", "-rss-clients", "3", "-cpu-clients", "2", "-cpu-reads", "8", "-hang-cap", "5s", "-work", t.TempDir()}
+	err = run(ctx, args, &out, &log)
+	t.Logf("progress:\n%s", log.String())
+	t.Logf("output:\n%s", out.String())
+	if err != nil {
+		t.Fatalf("run: %v", err)
+	}
+	rows := parseTable(t, out.String())
+	want := []string{
+		"upstream bytes ÷ image bytes, 1 cold pull",
+		"upstream bytes ÷ image bytes, 3 cold pulls",
+		"cold pull wall time, 1 pull (s)",
+		"cold pull wall time, 3 concurrent pulls (s)",
+		"wall time 3 concurrent ÷ 1 cold pull",
+		"hot blob: server CPU-s per GiB served, 2 clients",
+		"hot blob: server CPU ÷ nginx's (sendfile)",
+		"peak RSS, 3 clients streaming one 16 MiB blob, cold (MiB)",
+		"peak RSS, 3 clients streaming one 16 MiB blob, hot (MiB)",
+		"pull of a cached tag, upstream hung (s)",
+	}
+	if len(rows) != len(want) {
+		t.Errorf("table has %d rows, want %d", len(rows), len(want))
+	}
+	for _, metric := range want {
+		r, ok := rows[metric]
+		if !ok {
+			t.Errorf("row %q missing", metric)
+			continue
+		}
+		berth := number(t, metric, "berth", r[0], false)
+		if r[1] != "not run" {
+			number(t, metric, "distribution", r[1], true)
+		}
+		switch r[3] {
+		case "yes", "**no**":
+		case "":
+			if r[2] != "—" {
+				t.Errorf("%s: goal %q but no verdict", metric, r[2])
+			}
+		default:
+			t.Errorf("%s: verdict %q", metric, r[3])
+		}
+		// The link counts every byte berth fetches: one complete copy at
+		// least, and per-request overhead on 128 KiB layers stays small.
+		if strings.HasPrefix(metric, "upstream bytes") && (berth < 1 || berth > 1.5) {
+			t.Errorf("%s: berth %v, want between 1 and 1.5", metric, berth)
+		}
+		if strings.HasPrefix(metric, "peak RSS") && berth <= 0 {
+			t.Errorf("%s: berth %v MiB", metric, berth)
+		}
+	}
+}
+
+// parseTable maps each metric to its berth, distribution, goal and verdict cells.
+func parseTable(t *testing.T, out string) map[string][4]string {
+	t.Helper()
+	rows := map[string][4]string{}
+	for _, line := range strings.Split(out, "\n") {
+		if !strings.HasPrefix(line, "|") {
+			continue
+		}
+		cells := strings.Split(strings.Trim(line, "|"), "|")
+		if len(cells) != 5 {
+			t.Errorf("table line with %d cells: %q", len(cells), line)
+			continue
+		}
+		for i := range cells {
+			cells[i] = strings.TrimSpace(cells[i])
+		}
+		if cells[0] == "metric" || strings.HasPrefix(cells[0], "---") {
+			continue
+		}
+		rows[cells[0]] = [4]string{cells[1], cells[2], cells[3], cells[4]}
+	}
+	return rows
+}
+
+func number(t *testing.T, metric, who, s string, mayBeCapped bool) float64 {
+	t.Helper()
+	if mayBeCapped {
+		s = strings.TrimPrefix(s, "> ")
+	}
+	v, err := strconv.ParseFloat(s, 64)
+	if err != nil || v < 0 {
+		t.Errorf("%s: %s cell %q is not a measurement", metric, who, s)
+	}
+	return v
+}
+
+func TestQuickKeepsExplicitFlags(t *testing.T) {
+	o, err := parseFlags([]string{"-quick", "-reps", "5"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.reps != 5 {
+		t.Errorf("reps %d, want the explicit 5", o.reps)
+	}
+	if o.layerSize != 4<<20 {
+		t.Errorf("layer size %d, want -quick's 4 MiB", o.layerSize)
+	}
+	if _, err := parseFlags([]string{"-scenarios", "pulls,nope"}, io.Discard); err == nil {
+		t.Error("an unknown scenario was accepted")
+	}
+}
+
+// serveBytes answers every connection with n zero bytes.
+func serveBytes(t *testing.T, n int) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.Write(make([]byte, n))
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+func TestThrottleRateAndCount(t *testing.T) {
+	const size, rate = 4 << 20, 40 << 20 // 100 ms of link time
+	link, err := startThrottle(serveBytes(t, size), rate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.close()
+	start := time.Now()
+	c, err := net.Dial("tcp", link.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := io.Copy(io.Discard, c)
+	c.Close()
+	took := time.Since(start)
+	if err != nil || n != size {
+		t.Fatalf("read %d bytes (%v), want %d", n, err, size)
+	}
+	if took < 80*time.Millisecond {
+		t.Errorf("%d bytes at %d B/s took %v; the limit was not applied", size, rate, took)
+	}
+	if got := link.upstreamBytes(); got != size {
+		t.Errorf("counted %d upstream bytes, want %d", got, size)
+	}
+}
+
+func TestThrottleHang(t *testing.T) {
+	link, err := startThrottle(serveBytes(t, 10), 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.close()
+	link.hang()
+	c, err := net.Dial("tcp", link.addr)
+	if err != nil {
+		t.Fatalf("a hung link must still accept: %v", err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+	buf := make([]byte, 10)
+	if n, err := c.Read(buf); n != 0 || err == nil {
+		t.Fatalf("hung link answered: %d bytes, %v", n, err)
+	}
+	link.unhang()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := io.ReadFull(c, buf); n != 10 {
+		t.Fatalf("after unhang read %d bytes: %v", n, err)
+	}
+}
