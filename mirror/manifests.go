@@ -15,6 +15,7 @@ import (
 	v2 "github.com/distribution/distribution/v3/registry/api/v2"
 	"github.com/opencontainers/go-digest"
 	"github.com/sirupsen/logrus"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/berth-dev/berth/storage"
 )
@@ -24,6 +25,21 @@ const maxManifestSize = 4 << 20
 
 // upstreamFetchTimeout bounds a manifest fetch that nobody waits on any more.
 const upstreamFetchTimeout = 60 * time.Second
+
+// background runs fn once for every caller asking with the same key, on a
+// context of its own bounded by upstreamFetchTimeout: a caller that stops
+// waiting does not cancel it, and Close waits for it.
+func (s *Server) background(key string, fn func(ctx context.Context) (any, error)) <-chan singleflight.Result {
+	return s.revalidate.DoChan(key, func() (any, error) {
+		s.wg.Add(1)
+		defer s.wg.Done()
+		s.revalStarted.Store(key, time.Now())
+		defer s.revalStarted.Delete(key)
+		ctx, cancel := context.WithTimeout(s.downloadCtx, upstreamFetchTimeout)
+		defer cancel()
+		return fn(ctx)
+	})
+}
 
 func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, t target, tag string) {
 	cfg, _ := s.config()
@@ -43,14 +59,19 @@ func (s *Server) serveManifestByTag(w http.ResponseWriter, r *http.Request, t ta
 	}
 	// The refresh runs on its own context: if this client stops waiting (the
 	// stale timeout) the answer still lands in the cache for the next one.
-	ch := s.revalidate.DoChan("tag\x00"+t.up.host+"\x00"+t.repo+"\x00"+tag, func() (any, error) {
-		ctx, cancel := context.WithTimeout(s.downloadCtx, upstreamFetchTimeout)
-		defer cancel()
+	key := "tag\x00" + t.up.host + "\x00" + t.repo + "\x00" + tag
+	ch := s.background(key, func(ctx context.Context) (any, error) {
 		return s.refreshTag(ctx, t, tag, rec, have)
 	})
 	var stale <-chan time.Time
 	if have {
-		timer := time.NewTimer(cfg.StaleTimeout.D())
+		wait := cfg.StaleTimeout.D()
+		if started, ok := s.revalStarted.Load(key); ok && time.Since(started.(time.Time)) > wait {
+			// Someone already waited out the stale timeout on this
+			// revalidation: the upstream is stuck, don't make every client wait.
+			wait = 0
+		}
+		timer := time.NewTimer(wait)
 		defer timer.Stop()
 		stale = timer.C
 	}
@@ -207,9 +228,7 @@ func (s *Server) serveManifestByDigest(w http.ResponseWriter, r *http.Request, t
 	}
 	s.metrics.lookups.WithLabelValues("manifest", "miss").Inc()
 	// Manifests by digest are immutable: once fetched they are never revalidated.
-	ch := s.revalidate.DoChan("digest\x00"+key.String(), func() (any, error) {
-		ctx, cancel := context.WithTimeout(s.downloadCtx, upstreamFetchTimeout)
-		defer cancel()
+	ch := s.background("digest\x00"+key.String(), func(ctx context.Context) (any, error) {
 		if s.sharedManifest(ctx, key) {
 			return nil, nil
 		}

@@ -360,3 +360,28 @@ func TestManifestConcurrentClientsShareOneFetch(t *testing.T) {
 		up.clear("GET", path)
 	}
 }
+
+// Once one client has waited out the stale timeout on a stuck revalidation,
+// the next ones get the stale answer at once instead of waiting again.
+func TestStuckRevalidationServesStaleAtOnce(t *testing.T) {
+	up, h, img, d, path := newTagFixture(t)
+	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
+	h.ageTag(config.DockerHub, "org/app", "v1")
+	up.set("*", path, up.hang())
+	first := time.Now()
+	checkManifest(t, h.get(path), string(types.DockerManifestSchema2), d, rawManifest(t, img))
+	if waited := time.Since(first); waited < 250*time.Millisecond {
+		t.Fatalf("first client got its answer after %v, before the 300ms stale timeout", waited)
+	}
+	for i := 0; i < 3; i++ {
+		start := time.Now()
+		r := h.get(path)
+		checkManifest(t, r, string(types.DockerManifestSchema2), d, rawManifest(t, img))
+		if took := time.Since(start); took > 150*time.Millisecond {
+			t.Fatalf("request %d waited %v on a revalidation already known to be stuck", i, took)
+		}
+		if r.Header.Get("Berth-Stale") != "true" {
+			t.Fatal("answer not marked stale")
+		}
+	}
+}

@@ -48,8 +48,9 @@ type Server struct {
 	cfg      *config.Config
 	ups      map[string]*upstream
 
-	revalidate singleflight.Group // tag revalidations and manifest fetches
-	tagLists   sync.Map           // tag list cache: upstream+"/"+repo -> tagList
+	revalidate   singleflight.Group // tag revalidations and manifest fetches
+	revalStarted sync.Map           // revalidate key -> time.Time it started
+	tagLists     sync.Map           // tag list cache: upstream+"/"+repo -> tagList
 }
 
 // New builds a Server over the local tier. Upstreams come from cfg.
@@ -155,6 +156,8 @@ func serveError(w http.ResponseWriter, err errcode.Error) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Del("Content-Length")
 	w.Header().Del("Docker-Content-Digest")
+	w.Header().Del("Warning")
+	w.Header().Del("Berth-Stale")
 	w.WriteHeader(status)
 	errcode.ServeJSON(discardHeader{w}, errcode.Errors{err})
 }
