@@ -130,6 +130,7 @@ func (s *Server) openBlobSource(ctx context.Context, key storage.Key, up *upstre
 	poll := firstLeasePoll
 	waited := false
 	giveUp := time.Now().Add(2 * t.leaseTTL)
+	var holderExpires time.Time // of the lease we wait on, as last seen
 	for {
 		body, size, err := sh.GetBlob(ctx, key)
 		if err == nil {
@@ -170,6 +171,15 @@ func (s *Server) openBlobSource(ctx context.Context, key storage.Key, up *upstre
 		if !waited {
 			waited = true
 			t.leases.WithLabelValues("blob", "waited").Inc()
+		}
+		var held *storage.LeaseHeldError
+		if errors.As(err, &held) && !held.Expires.IsZero() && !held.Expires.Equal(holderExpires) {
+			if !holderExpires.IsZero() {
+				// Renewed or taken over since we last looked: a live host
+				// is fetching, and waiting for it still beats a second fetch.
+				giveUp = time.Now().Add(2 * t.leaseTTL)
+			}
+			holderExpires = held.Expires
 		}
 		if time.Now().After(giveUp) {
 			s.log.WithField("blob", key.String()).Warn("waited too long for another host's fetch; fetching from the upstream")
@@ -334,6 +344,15 @@ func (s *Server) sharedTag(ctx context.Context, t target, tag string, ttl time.D
 	}
 	l, err := sh.AcquireLease(ctx, storage.TagLeaseName(t.up.host, t.repo, tag), tagLeaseTTL)
 	if err == nil {
+		// Another host may have revalidated and released between our read
+		// and our lease: its answer stands, so look again before asking.
+		if r := read(); usable(r) {
+			l.Release(context.WithoutCancel(ctx))
+			s.sharedT.avoided.WithLabelValues("tag").Inc()
+			return r, r, nil
+		} else if r != nil {
+			rec = r
+		}
 		s.sharedT.leases.WithLabelValues("tag", "taken").Inc()
 		return nil, rec, l
 	}
