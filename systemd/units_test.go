@@ -312,3 +312,24 @@ func TestEnvironmentFile(t *testing.T) {
 		t.Fatalf("berth.env examples were not applied: data %q, upstreams %v", c.Data, c.UpstreamHosts())
 	}
 }
+
+// berth itself must accept the command line the unit starts it with.
+func TestExecStartParsesInBerth(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "berth")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, "../cmd/berth").CombinedOutput(); err != nil {
+		t.Fatalf("building berth: %v\n%s", err, out)
+	}
+	exec0, _ := parseUnit(t, "berth.service").last("Service", "ExecStart")
+	args := strings.Fields(exec0)[1:]
+	// --help after the unit's own flags: they must parse, and berth stops
+	// before opening the config file or a listener.
+	out, err := exec.CommandContext(ctx, bin, append(args, "--help")...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("berth %s --help: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	if !strings.Contains(string(out), "-config") {
+		t.Fatalf("berth serve --help does not describe --config:\n%s", out)
+	}
+}
