@@ -115,8 +115,19 @@ func (s *Server) sharedFailed(op string, err error) {
 	}
 }
 
-// SharedRecovered ends a backoff early, e.g. when a health check reaches the bucket again.
-func (s *Server) SharedRecovered() { s.sharedT.downUntil.Store(0) }
+// SharedHealth is the S3 tier's health check around ping: a failed ping
+// makes requests skip the bucket too, a successful one ends a backoff early,
+// so berth returns to the bucket as soon as it answers again.
+func (s *Server) SharedHealth(ping func(context.Context) error) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := ping(ctx); err != nil {
+			s.sharedFailed("ping", err)
+			return err
+		}
+		s.sharedT.downUntil.Store(0)
+		return nil
+	}
+}
 
 // openBlobSource finds a blob for a flight: the bucket, else the upstream
 // under the fleet's lease, else (lease held elsewhere) the bucket once the
@@ -338,6 +349,9 @@ func (s *Server) sharedTag(ctx context.Context, t target, tag string, ttl time.D
 		return s.sharedManifest(ctx, key)
 	}
 	rec := read()
+	if s.shared() == nil {
+		return nil, nil, nil // the read just failed: don't try the lease on a failing bucket
+	}
 	if usable(rec) {
 		s.sharedT.avoided.WithLabelValues("tag").Inc()
 		return rec, rec, nil

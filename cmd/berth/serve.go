@@ -153,14 +153,7 @@ func serve(l *loader, cfg *config.Config) error {
 	checker.Add("listener", healthcheck.Readiness, 5*time.Second, 2*time.Second, healthcheck.TCPDial(ln.Addr().String()))
 	addUpstreamChecks(checker, srv, cfg)
 	if shared != nil {
-		s3 := shared
-		checker.Add("s3", healthcheck.Informational, 15*time.Second, 5*time.Second, func(ctx context.Context) error {
-			err := s3.Ping(ctx)
-			if err == nil {
-				srv.SharedRecovered()
-			}
-			return err
-		})
+		checker.Add("s3", healthcheck.Informational, 5*time.Second, 5*time.Second, srv.SharedHealth(shared.Ping))
 	}
 
 	mux := http.NewServeMux()
