@@ -47,6 +47,7 @@ type options struct {
 	workDir   string
 	keep      bool
 	verbose   bool
+	perfDir   string
 
 	berthBin, registryBin, nginxBin string
 }
@@ -117,13 +118,14 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	o.bigSize = 1 << 30
 	fs.Var(sizeFlag{&o.bigSize}, "big", "size of the blob for the cpu and rss scenarios")
 	fs.IntVar(&o.cpuConc, "cpu-clients", 8, "concurrent clients reading the hot blob in the cpu scenario")
-	fs.IntVar(&o.cpuReads, "cpu-reads", 2, "times each client reads the hot blob per repetition")
+	fs.IntVar(&o.cpuReads, "cpu-reads", 1, "times each client reads the hot blob per repetition")
 	fs.IntVar(&o.rssConc, "rss-clients", 50, "concurrent clients streaming the big blob in the rss scenario")
 	fs.DurationVar(&o.hangCap, "hang-cap", 60*time.Second, "give up on a pull from a hung upstream after this long")
 	fs.DurationVar(&o.tagTTL, "tag-ttl", time.Second, "berth's --tag-ttl in the hang scenario (expired before each pull)")
 	fs.DurationVar(&o.timeout, "timeout", 30*time.Minute, "abort the whole run after this long")
 	fs.StringVar(&o.workDir, "work", "", "work directory (default: a new temporary directory)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the work directory (logs, caches) afterwards")
+	fs.StringVar(&o.perfDir, "perf", "", "record perf CPU profiles of berth's measurements into `DIR`")
 	fs.BoolVar(&o.verbose, "v", false, "more progress output, registry logs at info")
 	fs.StringVar(&o.berthBin, "berth", "", "berth binary (default: built from this checkout)")
 	fs.StringVar(&o.registryBin, "registry", "", "distribution registry binary (default: ./bin/registry, then PATH)")
@@ -143,7 +145,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		for k, v := range map[string]string{
 			"layer-size": "4MiB", "ns": "1,20", "reps": "2", "big": "128MiB", "cpu-clients": "4",
-			"cpu-reads": "2", "rss-clients": "20", "hang-cap": "10s",
+			"rss-clients": "20", "hang-cap": "10s",
 		} {
 			if !set[k] {
 				if err := fs.Set(k, v); err != nil {
@@ -244,18 +246,24 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		return err
 	}
 	b.logf("upstream %s behind link %s at %s", b.up.addr, b.link.addr, rateString(opt.rate))
+	var scenErr error
 	for _, s := range allScenarios {
 		if !slices.Contains(opt.scenarios, s.name) {
 			continue
 		}
 		b.logf("scenario %s: %s", s.name, s.help)
 		if err := s.run(b, ctx); err != nil {
-			return fmt.Errorf("scenario %s: %w", s.name, err)
+			scenErr = fmt.Errorf("scenario %s: %w", s.name, err)
+			break
 		}
 	}
+	// What was measured before an error or an interrupt is still worth seeing.
 	fmt.Fprintf(stdout, "\nberth benchmark, %s, upstream link %s, %d CPUs, %.0f s\n\n",
 		time.Now().Format("2006-01-02 15:04"), rateString(opt.rate), numCPU(), time.Since(b.started).Seconds())
 	b.table.write(stdout)
+	if scenErr != nil {
+		return scenErr
+	}
 	if len(b.failures) > 0 {
 		fmt.Fprintln(stdout, "\nfailed measurements:")
 		for _, f := range b.failures {

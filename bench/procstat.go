@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -158,4 +159,39 @@ func (w *rssWatch) peakMiB() float64 {
 		}
 	}
 	return float64(peak) / 1024
+}
+
+// profile records the CPU profile of the server (and its workers) with perf while a measurement
+// runs, when -perf DIR is given, into DIR/LABEL.perf.data (read it with
+// `perf report -i FILE`). The returned function ends the recording.
+func (b *bench) profile(s *server, label string) func() {
+	if b.opt.perfDir == "" {
+		return func() {}
+	}
+	if err := os.MkdirAll(b.opt.perfDir, 0o755); err != nil {
+		b.logf("perf: %v", err)
+		return func() {}
+	}
+	out := filepath.Join(b.opt.perfDir, label+".perf.data")
+	pids := []string{strconv.Itoa(s.p.pid())}
+	for _, c := range children(s.p.pid()) {
+		pids = append(pids, strconv.Itoa(c))
+	}
+	cmd := exec.Command("perf", "record", "-F", "499", "-g", "-p", strings.Join(pids, ","), "-o", out)
+	p, err := b.start("perf-"+label, cmd)
+	if err != nil {
+		b.logf("perf: %v", err)
+		return func() {}
+	}
+	// perf needs a moment to attach before the measurement starts.
+	time.Sleep(300 * time.Millisecond)
+	return func() {
+		_ = p.cmd.Process.Signal(os.Interrupt)
+		select {
+		case <-p.done:
+		case <-time.After(30 * time.Second):
+			p.stop()
+		}
+		b.logf("perf profile of %s: %s", s.kind, out)
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"time"
@@ -58,13 +59,24 @@ func (b *bench) pullDeadline(n int) time.Duration {
 	return time.Minute + 3*link
 }
 
+// pullRun is one round of concurrent cold pulls through one mirror.
+type pullRun struct {
+	wall      time.Duration
+	upstream  int64   // bytes the upstream sent
+	serverCPU float64 // CPU-seconds of the mirror
+	clientCPU float64 // CPU-seconds of this process: clients and link
+	hotWall   time.Duration
+}
+
 // coldPulls runs n concurrent pulls of the test image through a mirror
-// started with an empty cache, and reports the wall time and the upstream
-// bytes they caused.
-func (b *bench) coldPulls(ctx context.Context, m mirror, n int) (time.Duration, int64, error) {
+// started with an empty cache. With hot, n more pulls follow from the now
+// full cache: their wall time is the floor that the CPU of this machine (the
+// mirror's and the clients', which hash every byte) sets, with no upstream
+// in the way.
+func (b *bench) coldPulls(ctx context.Context, m mirror, n int, hot bool) (pullRun, error) {
 	srv, err := m.start(ctx)
 	if err != nil {
-		return 0, 0, err
+		return pullRun{}, err
 	}
 	defer srv.stop()
 	tr := newTransport()
@@ -72,20 +84,38 @@ func (b *bench) coldPulls(ctx context.Context, m mirror, n int) (time.Duration, 
 	b.link.reset()
 	ctx, cancel := context.WithTimeout(ctx, b.pullDeadline(n))
 	defer cancel()
-	wall, err := concurrently(ctx, n, func(ctx context.Context, i int) error {
-		got, err := pullImage(ctx, tr, srv.addr, b.image)
-		if err == nil && got != b.image.bytes {
-			err = fmt.Errorf("pulled %d bytes, the image has %d", got, b.image.bytes)
-		}
-		return err
-	})
-	if err != nil {
-		return 0, 0, fmt.Errorf("%v (log: %s)", err, srv.p.log)
+	s0, _ := cpuSeconds(srv.p.pid())
+	c0, _ := cpuSeconds(os.Getpid())
+	pulls := func() (time.Duration, error) {
+		return concurrently(ctx, n, func(ctx context.Context, i int) error {
+			got, err := pullImage(ctx, tr, srv.addr, b.image)
+			if err == nil && got != b.image.bytes {
+				err = fmt.Errorf("pulled %d bytes, the image has %d", got, b.image.bytes)
+			}
+			return err
+		})
 	}
+	endProfile := func() {}
+	if m.name == "berth" {
+		endProfile = b.profile(srv, fmt.Sprintf("%02d-berth-%d-cold-pulls", b.seq, n))
+	}
+	wall, err := pulls()
+	endProfile()
+	if err != nil {
+		return pullRun{}, fmt.Errorf("%v (log: %s)", err, srv.p.log)
+	}
+	s1, _ := cpuSeconds(srv.p.pid())
+	c1, _ := cpuSeconds(os.Getpid())
 	// Anything the mirror still fetches after the clients are served (a
 	// download nobody waits for any more) counts too.
 	time.Sleep(300 * time.Millisecond)
-	return wall, b.link.upstreamBytes(), nil
+	res := pullRun{wall: wall, upstream: b.link.upstreamBytes(), serverCPU: s1 - s0, clientCPU: c1 - c0}
+	if hot {
+		if res.hotWall, err = pulls(); err != nil {
+			return pullRun{}, fmt.Errorf("hot pulls: %v (log: %s)", err, srv.p.log)
+		}
+	}
+	return res, nil
 }
 
 func (b *bench) scenarioPulls(ctx context.Context) error {
@@ -102,6 +132,7 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 	wall1 := b.table.add("cold pull wall time, 1 pull (s)", "%.2f").informational()
 	wallN := b.table.add(fmt.Sprintf("cold pull wall time, %d concurrent pulls (s)", o.wallN), "%.2f").informational()
 	ratio := b.table.add(fmt.Sprintf("wall time %d concurrent ÷ 1 cold pull", o.wallN), "%.2f").withGoal(1.5)
+	hotN := b.table.add(fmt.Sprintf("hot pull wall time, %d concurrent pulls (s)", o.wallN), "%.2f").informational()
 
 	// One pull and wall-n pulls are timed, so they are repeated; other
 	// counts only measure bytes, which do not vary with noise, and run once.
@@ -118,7 +149,7 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 			}
 			for _, m := range b.mirrors(5 * time.Minute) {
 				what := fmt.Sprintf("%s, %d cold pulls, repetition %d", m.name, n, rep+1)
-				wall, up, err := b.coldPulls(ctx, m, n)
+				res, err := b.coldPulls(ctx, m, n, n == o.wallN)
 				if err != nil {
 					if ctx.Err() != nil {
 						return ctx.Err()
@@ -130,8 +161,9 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 					}
 					continue
 				}
-				rb := float64(up) / float64(b.image.bytes)
-				b.logf("%s: %.2f s, upstream sent %s = %.3f × the image", what, wall.Seconds(), sizeString(up), rb)
+				wall, rb := res.wall, float64(res.upstream)/float64(b.image.bytes)
+				b.logf("%s: %.2f s, upstream sent %s = %.3f × the image; CPU-s: %s %.2f, clients and link %.2f",
+					what, wall.Seconds(), sizeString(res.upstream), rb, m.name, res.serverCPU, res.clientCPU)
 				if r := byteRows[n]; r != nil {
 					m.cell(r).add(rb)
 				}
@@ -144,6 +176,8 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 				}
 				if n == o.wallN {
 					m.cell(wallN).add(wall.Seconds())
+					m.cell(hotN).add(res.hotWall.Seconds())
+					b.logf("%s, %d hot pulls: %.2f s", m.name, n, res.hotWall.Seconds())
 				}
 			}
 		}
@@ -186,13 +220,35 @@ func (b *bench) blobURL(s *server) string {
 }
 
 // prime puts the big blob into a mirror's cache. The link is opened up
-// meanwhile: priming is set-up, not a measurement.
+// meanwhile: priming is set-up, not a measurement. The distribution proxy
+// commits a blob only after it has sent the last byte, so a read is repeated
+// until one costs the upstream nothing: only then is the blob hot.
 func (b *bench) prime(ctx context.Context, s *server) error {
 	b.link.setRate(0)
 	defer b.link.setRate(b.opt.rate)
 	client := &http.Client{Transport: newTransport()}
 	defer client.CloseIdleConnections()
-	return getBlob(ctx, client, b.blobURL(s), b.big.size)
+	for attempt := 1; ; attempt++ {
+		b.link.reset()
+		if err := getBlob(ctx, client, b.blobURL(s), b.big.size); err != nil {
+			return err
+		}
+		if attempt > 1 && b.link.upstreamBytes() == 0 {
+			return nil
+		}
+		if attempt == 10 {
+			return fmt.Errorf("the blob still came from the upstream after %d reads", attempt)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// checkHot fails a hot measurement that reached the upstream after all.
+func (b *bench) checkHot(s *server) error {
+	if n := b.link.upstreamBytes(); n > 0 {
+		return fmt.Errorf("%s fetched %s from the upstream while serving a cached blob", s.kind, sizeString(n))
+	}
+	return nil
 }
 
 // readBlob has n clients read the big blob reads times each, at once.
@@ -250,7 +306,13 @@ func (b *bench) scenarioCPU(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
+			b.link.reset()
+			endProfile := b.profile(s, fmt.Sprintf("%02d-%s-cpu-hot-%d", b.seq, s.kind, rep+1))
 			wall, err := b.readBlob(ctx, s, o.cpuConc, o.cpuReads)
+			endProfile()
+			if err == nil {
+				err = b.checkHot(s)
+			}
 			if err != nil {
 				if s == nginx {
 					return fmt.Errorf("nginx: %w", err)
@@ -318,9 +380,13 @@ func (b *bench) scenarioRSS(ctx context.Context) error {
 			s.stop()
 			continue
 		}
+		b.link.reset()
 		w := watchRSS(s.p.pid())
 		wall, err := b.readBlob(ctx, s, o.rssConc, 1)
 		peak := w.peakMiB()
+		if err == nil {
+			err = b.checkHot(s)
+		}
 		if err != nil {
 			b.fail(m.cell(hot), m.name+", hot streams", err)
 		} else {
