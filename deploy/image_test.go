@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/internal/testsupport"
 	"github.com/berth-dev/berth/test/e2e"
 )
 
@@ -34,9 +35,9 @@ func TestImage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("builds a container image; skipped with -short")
 	}
-	e2e.RequireRoot(t)
-	e2e.RequireTool(t, "dockerd")
-	e2e.RequireTool(t, "docker")
+	testsupport.RequireRoot(t)
+	testsupport.RequireTool(t, "dockerd")
+	testsupport.RequireTool(t, "docker")
 	root, err := e2e.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)

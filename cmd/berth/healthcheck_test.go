@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // healthcheckServer answers every request with code and body, as a berth
@@ -144,7 +146,7 @@ func TestHealthcheckListenFromConfigFile(t *testing.T) {
 // no cgo) and runs the subcommand the way Docker's HEALTHCHECK runs it:
 // exec'd directly, judged by its exit status alone.
 func TestHealthcheckBinary(t *testing.T) {
-	if testing.Short() && os.Getenv("CI") != "true" {
+	if testing.Short() && !testsupport.InCI() {
 		t.Skip("-short: not building the berth binary")
 	}
 	goTool, err := exec.LookPath("go")

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -41,26 +40,10 @@ type MinIO struct {
 	done chan struct{}
 }
 
-// RequireTool returns the path of a test tool found on PATH. A missing tool
-// skips the test, except under CI=true where nothing may be skipped.
-func RequireTool(t testing.TB, name, install string) string {
-	t.Helper()
-	p, err := exec.LookPath(name)
-	if err == nil {
-		return p
-	}
-	msg := fmt.Sprintf("%s not found on PATH (scripts/test installs it into ./bin: %s)", name, install)
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
-	return ""
-}
-
 // StartMinIO starts MinIO for the test and stops it when the test ends.
 func StartMinIO(t testing.TB) *MinIO {
 	t.Helper()
-	bin := RequireTool(t, "minio", "go install github.com/minio/minio@latest")
+	bin := RequireTool(t, "minio")
 	dir := t.TempDir()
 	m := &MinIO{
 		AccessKey: "berthtest",

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // cacheSlack bounds what berth may fetch from the upstream beyond the image
@@ -34,8 +36,8 @@ func skopeoCopyVerify(t *testing.T, ref string, want *PushedImage) {
 }
 
 func TestBerthCraneAndSkopeoPull(t *testing.T) {
-	RequireTool(t, "crane")
-	RequireTool(t, "skopeo")
+	testsupport.RequireTool(t, "crane")
+	testsupport.RequireTool(t, "skopeo")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/alpine", "3", 256<<10, 3)
 	idx := PushIndex(t, Docker, reg.Host, "library/multi", "1", 64<<10, 2)
@@ -80,8 +82,8 @@ func TestBerthCraneAndSkopeoPull(t *testing.T) {
 }
 
 func TestBerthDockerPull(t *testing.T) {
-	RequireRoot(t)
-	RequireTool(t, "dockerd")
+	testsupport.RequireRoot(t)
+	testsupport.RequireTool(t, "dockerd")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/dockimg", "1", 128<<10, 3)
 	idx := PushIndex(t, Docker, reg.Host, "library/dockmulti", "1", 64<<10, 2)
@@ -129,9 +131,9 @@ func TestBerthDockerPull(t *testing.T) {
 }
 
 func TestBerthContainerdHostsMirror(t *testing.T) {
-	RequireRoot(t)
-	RequireTool(t, "containerd")
-	RequireTool(t, "ctr")
+	testsupport.RequireRoot(t)
+	testsupport.RequireTool(t, "containerd")
+	testsupport.RequireTool(t, "ctr")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/ctrimg", "2", 128<<10, 3)
 	idx := PushIndex(t, OCI, reg.Host, "team/app", "v1", 64<<10, 2)
@@ -179,7 +181,7 @@ func TestBerthContainerdHostsMirror(t *testing.T) {
 }
 
 func TestBerthConformance(t *testing.T) {
-	RequireTool(t, "conformance")
+	testsupport.RequireTool(t, "conformance")
 	reg := StartRegistry(t)
 	seed := SeedConformance(t, reg.Host, "conformance/repo1")
 	b := StartBerth(t, UpstreamArgs(reg.Host, reg.URL)...)
@@ -212,7 +214,7 @@ func TestBerthHealthEndpoints(t *testing.T) {
 // and manifests by digest need no upstream at all, and a tag past its TTL is
 // served stale once --stale-timeout passes.
 func TestBerthServesCacheWhileUpstreamHangs(t *testing.T) {
-	RequireTool(t, "crane")
+	testsupport.RequireTool(t, "crane")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/steady", "1", 128<<10, 2)
 	up := StartProxy(t, reg.Host)

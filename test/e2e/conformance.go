@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // ConformanceOptions runs the OCI distribution-spec conformance suite in
@@ -48,7 +50,7 @@ var (
 // cases returns 0 from an error path before it looks at the results.
 func RunConformance(t testing.TB, o ConformanceOptions) *ConformanceResult {
 	t.Helper()
-	bin := RequireTool(t, "conformance")
+	bin := testsupport.RequireTool(t, "conformance")
 	dir := t.TempDir()
 	env := []string{
 		"OCI_REGISTRY=" + o.Registry,

@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // Containerd is a private containerd: its own root, state, socket and
@@ -39,9 +41,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 // answers.
 func StartContainerd(t testing.TB) *Containerd {
 	t.Helper()
-	RequireRoot(t)
-	bin := RequireTool(t, "containerd")
-	ctr := RequireTool(t, "ctr")
+	testsupport.RequireRoot(t)
+	bin := testsupport.RequireTool(t, "containerd")
+	ctr := testsupport.RequireTool(t, "ctr")
 	dir := ShortTempDir(t, "ctd")
 	sock := filepath.Join(dir, "c.sock")
 	cfg := filepath.Join(dir, "config.toml")

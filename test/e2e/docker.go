@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // DockerdOptions is what goes into the daemon's own daemon.json.
@@ -36,9 +38,9 @@ type Dockerd struct {
 // StartDockerd starts dockerd as root and waits until /_ping answers.
 func StartDockerd(t testing.TB, opts DockerdOptions) *Dockerd {
 	t.Helper()
-	RequireRoot(t)
-	bin := RequireTool(t, "dockerd")
-	RequireTool(t, "docker")
+	testsupport.RequireRoot(t)
+	bin := testsupport.RequireTool(t, "dockerd")
+	testsupport.RequireTool(t, "docker")
 	dir := ShortTempDir(t, "dk")
 	cfg := map[string]any{"debug": true}
 	if len(opts.Mirrors) > 0 {

@@ -31,6 +31,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // fleetUpstream is the upstream as the fleet sees it: an HTTP proxy in front
@@ -163,8 +165,8 @@ type fleet struct {
 
 func startFleet(t *testing.T) *fleet {
 	t.Helper()
-	RequireTool(t, "registry")
-	RequireTool(t, "minio")
+	testsupport.RequireTool(t, "registry")
+	testsupport.RequireTool(t, "minio")
 	reg := StartRegistry(t)
 	return &fleet{reg: reg, up: startFleetUpstream(t, reg.URL), bucket: StartFleetBucket(t)}
 }

@@ -15,10 +15,12 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 func TestHarnessRegistryPushAndCranePull(t *testing.T) {
-	RequireTool(t, "crane")
+	testsupport.RequireTool(t, "crane")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/harness", "v1", 64<<10, 3)
 	idx := PushIndex(t, Docker, reg.Host, "library/harness-multi", "v1", 16<<10, 2)
@@ -103,8 +105,8 @@ func TestHarnessProxyCountsAndHangs(t *testing.T) {
 }
 
 func TestHarnessDockerdPullsFromRegistry(t *testing.T) {
-	RequireRoot(t)
-	RequireTool(t, "dockerd")
+	testsupport.RequireRoot(t)
+	testsupport.RequireTool(t, "dockerd")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/dockerpull", "v1", 32<<10, 2)
 	d := StartDockerd(t, DockerdOptions{})
@@ -117,8 +119,8 @@ func TestHarnessDockerdPullsFromRegistry(t *testing.T) {
 }
 
 func TestHarnessCtrPullsFromRegistry(t *testing.T) {
-	RequireRoot(t)
-	RequireTool(t, "containerd")
+	testsupport.RequireRoot(t)
+	testsupport.RequireTool(t, "containerd")
 	reg := StartRegistry(t)
 	img := PushImage(t, Docker, reg.Host, "library/ctrpull", "v1", 32<<10, 2)
 	c := StartContainerd(t)
@@ -132,7 +134,7 @@ func TestHarnessCtrPullsFromRegistry(t *testing.T) {
 }
 
 func TestHarnessConformanceAgainstRegistry(t *testing.T) {
-	RequireTool(t, "conformance")
+	testsupport.RequireTool(t, "conformance")
 	reg := StartRegistry(t)
 	seed := SeedConformance(t, reg.Host, "conformance/repo1")
 	seed.Registry = reg.Host

@@ -36,7 +36,6 @@ type FleetBucket struct {
 // change what berth does.
 func StartFleetBucket(t testing.TB) *FleetBucket {
 	t.Helper()
-	RequireTool(t, "minio")
 	m := testsupport.StartMinIO(t)
 	f := &FleetBucket{MinIO: m, Bucket: m.NewBucket(t), Prefix: "fleet/"}
 	none := filepath.Join(t.TempDir(), "no-aws-config")

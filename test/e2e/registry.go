@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // Registry is a real distribution registry (`registry serve`) on 127.0.0.1
@@ -43,7 +45,7 @@ http:
 // StartRegistry starts a registry and waits until GET /v2/ answers 200.
 func StartRegistry(t testing.TB) *Registry {
 	t.Helper()
-	bin := RequireTool(t, "registry")
+	bin := testsupport.RequireTool(t, "registry")
 	dir := t.TempDir()
 	storage := filepath.Join(dir, "storage")
 	p, addr := startOnFreePort(t, 30*time.Second, "answering /v2/", func(addr string) (*Process, func(context.Context) bool) {
