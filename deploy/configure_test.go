@@ -3,7 +3,6 @@ package deploy
 import (
 	"context"
 	"encoding/json"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -20,6 +19,8 @@ import (
 	"go.podman.io/image/v5/docker/reference"
 	"go.podman.io/image/v5/pkg/sysregistriesv2"
 	"go.podman.io/image/v5/types"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 func target(listen string, up ...string) Target {
@@ -187,12 +188,7 @@ func TestContainerdResolvesThroughBerthAndFallsBack(t *testing.T) {
 	}
 
 	// A port nothing listens on: a stopped berth.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	stopped := l.Addr().String()
-	l.Close()
+	stopped := testsupport.FreeAddr(t)
 	start := time.Now()
 	if err := resolve(stopped); err != nil {
 		t.Fatalf("with berth stopped, containerd did not fall back to the upstream: %v", err)

@@ -38,13 +38,13 @@ func TestImage(t *testing.T) {
 	testsupport.RequireRoot(t)
 	testsupport.RequireTool(t, "dockerd")
 	testsupport.RequireTool(t, "docker")
-	root, err := e2e.ModuleRoot()
+	root, err := testsupport.ModuleRoot()
 	if err != nil {
 		t.Fatal(err)
 	}
-	berthAddr := e2e.FreeAddr(t)
+	berthAddr := testsupport.FreeAddr(t)
 
-	dir := e2e.ShortTempDir(t, "img")
+	dir := testsupport.ShortTempDir(t, "img")
 	daemonJSON := filepath.Join(dir, "daemon.json")
 	if err := os.WriteFile(daemonJSON, []byte(`{"debug": true, "max-concurrent-downloads": 2}`), 0o644); err != nil {
 		t.Fatal(err)

@@ -10,19 +10,21 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // With its upstream and its S3 endpoint both gone, berth is alive and ready
 // (it serves its cache) and says in /status what is degraded.
 func TestHealthWithUpstreamAndS3Down(t *testing.T) {
-	dead := freePort(t) // nothing listens here
+	dead := testsupport.FreeAddr(t) // nothing listens here
 	// Credentials in the environment keep the AWS chain from asking an
 	// instance metadata service, which does not exist here.
 	t.Setenv("AWS_ACCESS_KEY_ID", "berth-test")
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "berth-test-secret")
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
 	b := startBerth(t, "--upstream", "docker.io=http://"+dead,
-		"--s3-bucket", "fleet", "--s3-endpoint", "http://"+freePort(t), "--s3-path-style", "true")
+		"--s3-bucket", "fleet", "--s3-endpoint", "http://"+testsupport.FreeAddr(t), "--s3-path-style", "true")
 	for _, p := range []string{"/healthz", "/readyz"} {
 		resp, err := http.Get("http://" + b.addr + p)
 		if err != nil {

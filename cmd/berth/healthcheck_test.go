@@ -34,17 +34,6 @@ func healthcheckServer(t *testing.T, code int, body string) (addr string) {
 	return srv.Listener.Addr().String()
 }
 
-func healthcheckClosedPort(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
-}
-
 func noEnv(string) (string, bool) { return "", false }
 
 func runHealthcheckForTest(args []string, env func(string) (string, bool)) (code int, stdout, stderr string) {
@@ -56,7 +45,7 @@ func runHealthcheckForTest(args []string, env func(string) (string, bool)) (code
 func TestHealthcheckExitCodes(t *testing.T) {
 	healthy := healthcheckServer(t, 200, "ok\n")
 	unhealthy := healthcheckServer(t, 503, "[+]data-dir ok\n[-]store failed: index not open\nreadyz check failed\n")
-	closed := healthcheckClosedPort(t)
+	closed := testsupport.FreeAddr(t)
 	_, healthyPort, _ := net.SplitHostPort(healthy)
 
 	for _, tc := range []struct {
@@ -133,7 +122,7 @@ func TestHealthcheckListenFromConfigFile(t *testing.T) {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
 	// BERTH_LISTEN wins over the file, as it does for berth serve.
-	env := func(k string) (string, bool) { return healthcheckClosedPort(t), k == "BERTH_LISTEN" }
+	env := func(k string) (string, bool) { return testsupport.FreeAddr(t), k == "BERTH_LISTEN" }
 	if code, _, _ := runHealthcheckForTest([]string{"--config", cfg}, env); code != 1 {
 		t.Fatalf("exit %d; want 1 from the closed port in $BERTH_LISTEN", code)
 	}
@@ -173,7 +162,7 @@ func TestHealthcheckBinary(t *testing.T) {
 
 	healthy := healthcheckServer(t, 200, "ok\n")
 	unhealthy := healthcheckServer(t, 503, "[-]data-dir failed: read-only file system\nhealthz check failed\n")
-	closed := healthcheckClosedPort(t)
+	closed := testsupport.FreeAddr(t)
 	for _, tc := range []struct {
 		args []string
 		code int

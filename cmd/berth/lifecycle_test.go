@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -23,6 +22,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 var (
@@ -51,16 +52,6 @@ func berthBinary(t *testing.T) string {
 		t.Fatal(buildErr)
 	}
 	return binPath
-}
-
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // slowUpstream is an in-process registry whose blob responses are paced so
@@ -130,7 +121,7 @@ func (b *berthProc) logText() string {
 
 func startBerth(t *testing.T, args ...string) *berthProc {
 	t.Helper()
-	b := &berthProc{addr: freePort(t), data: t.TempDir(), log: &bytes.Buffer{}, logMu: &sync.Mutex{}, exited: make(chan error, 1)}
+	b := &berthProc{addr: testsupport.FreeAddr(t), data: t.TempDir(), log: &bytes.Buffer{}, logMu: &sync.Mutex{}, exited: make(chan error, 1)}
 	args = append([]string{"serve", "--listen", b.addr, "--data", b.data}, args...)
 	b.cmd = exec.Command(berthBinary(t), args...)
 	b.cmd.Stdout = lockedBuffer{b.logMu, b.log}

@@ -5,12 +5,10 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/hex"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -51,8 +49,8 @@ func StartMinIO(t testing.TB) *MinIO {
 		Region:    "us-east-1",
 		Dir:       filepath.Join(dir, "data"),
 		bin:       bin,
-		addr:      freeLoopbackAddr(t),
-		console:   freeLoopbackAddr(t),
+		addr:      FreeAddr(t),
+		console:   FreeAddr(t),
 		logPath:   filepath.Join(dir, "minio.log"),
 	}
 	m.Endpoint = "http://" + m.addr
@@ -177,16 +175,6 @@ func (m *MinIO) NewBucket(t testing.TB) string {
 		t.Fatalf("minio: create bucket %s: %v", name, err)
 	}
 	return name
-}
-
-func freeLoopbackAddr(t testing.TB) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return "127.0.0.1:" + strconv.Itoa(l.Addr().(*net.TCPAddr).Port)
 }
 
 func randomHex(n int) string {

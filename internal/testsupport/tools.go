@@ -2,8 +2,11 @@ package testsupport
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"testing"
 )
 
@@ -39,4 +42,55 @@ func RequireRoot(t testing.TB) {
 	if os.Geteuid() != 0 {
 		SkipOrFail(t, "needs root (dockerd and containerd mount and chown)")
 	}
+}
+
+// FreePort returns a TCP port on 127.0.0.1 that was free a moment ago. The
+// port is released before return, so another process could take it first;
+// the helpers that use it notice that as a start-up failure. Nothing listens
+// there until something does, so it also serves as "a stopped server".
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("finding a free port: %v", err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// FreeAddr is FreePort as "127.0.0.1:PORT".
+func FreeAddr(t testing.TB) string {
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(FreePort(t)))
+}
+
+// ModuleRoot is the directory holding berth's go.mod, found by walking up from
+// the working directory (go test runs in the package directory).
+func ModuleRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// ShortTempDir makes a directory with a short path under /tmp and removes it
+// at cleanup. Unix socket paths are limited to 107 bytes, and t.TempDir()
+// paths carry the test name, so daemons' sockets go here instead.
+func ShortTempDir(t testing.TB, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatalf("temp dir: %v", err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }

@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 var build struct {
@@ -40,7 +42,7 @@ func raceBuild() bool {
 func BerthBinary(t testing.TB) string {
 	t.Helper()
 	build.once.Do(func() {
-		root, err := ModuleRoot()
+		root, err := testsupport.ModuleRoot()
 		if err != nil {
 			build.err = err
 			return

@@ -44,7 +44,7 @@ func StartContainerd(t testing.TB) *Containerd {
 	testsupport.RequireRoot(t)
 	bin := testsupport.RequireTool(t, "containerd")
 	ctr := testsupport.RequireTool(t, "ctr")
-	dir := ShortTempDir(t, "ctd")
+	dir := testsupport.ShortTempDir(t, "ctd")
 	sock := filepath.Join(dir, "c.sock")
 	cfg := filepath.Join(dir, "config.toml")
 	body := fmt.Sprintf(containerdConfig,

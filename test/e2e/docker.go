@@ -41,7 +41,7 @@ func StartDockerd(t testing.TB, opts DockerdOptions) *Dockerd {
 	testsupport.RequireRoot(t)
 	bin := testsupport.RequireTool(t, "dockerd")
 	testsupport.RequireTool(t, "docker")
-	dir := ShortTempDir(t, "dk")
+	dir := testsupport.ShortTempDir(t, "dk")
 	cfg := map[string]any{"debug": true}
 	if len(opts.Mirrors) > 0 {
 		cfg["registry-mirrors"] = opts.Mirrors

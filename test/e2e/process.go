@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // Process is a daemon started for one test. Its stdout and stderr go to
@@ -166,7 +168,7 @@ func (p *Process) WaitUntil(t testing.TB, timeout time.Duration, what string, re
 }
 
 // lostPortRace reports whether the process exited because another process
-// took its port between FreeAddr and the daemon's listen.
+// took its port between testsupport.FreeAddr and the daemon's listen.
 func (p *Process) lostPortRace() bool {
 	select {
 	case <-p.done:
@@ -176,13 +178,13 @@ func (p *Process) lostPortRace() bool {
 	}
 }
 
-// startOnFreePort starts a daemon listening on a FreeAddr and waits until
+// startOnFreePort starts a daemon listening on a testsupport.FreeAddr and waits until
 // ready; when the port was taken in the meantime it tries another one.
 func startOnFreePort(t testing.TB, timeout time.Duration, what string,
 	start func(addr string) (*Process, func(ctx context.Context) bool)) (*Process, string) {
 	t.Helper()
 	for attempt := 1; ; attempt++ {
-		addr := FreeAddr(t)
+		addr := testsupport.FreeAddr(t)
 		p, ready := start(addr)
 		err := p.Wait(timeout, what, ready)
 		if err == nil {
