@@ -8,49 +8,15 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
-
-var (
-	berthOnce sync.Once
-	berthBin  string
-	berthErr  error
-)
-
-// berth builds the real binary once for the tests that run it.
-func berth(t *testing.T) string {
-	t.Helper()
-	berthOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "berth-bin-")
-		if err != nil {
-			berthErr = err
-			return
-		}
-		berthBin = filepath.Join(dir, "berth")
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
-		defer cancel()
-		out, err := exec.CommandContext(ctx, "go", "build", "-o", berthBin, "../cmd/berth").CombinedOutput()
-		if err != nil {
-			berthErr = &buildError{string(out)}
-		}
-	})
-	if berthErr != nil {
-		t.Fatalf("building berth: %v", berthErr)
-	}
-	return berthBin
-}
-
-type buildError struct{ out string }
-
-func (e *buildError) Error() string { return e.out }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if berthBin != "" {
-		os.RemoveAll(filepath.Dir(berthBin))
-	}
+	testsupport.RemoveBuilds()
 	os.Exit(code)
 }
 
@@ -63,7 +29,7 @@ func run(t *testing.T, env []string, args ...string) result {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, berth(t), args...)
+	cmd := exec.CommandContext(ctx, testsupport.BerthBinary(t), args...)
 	// A clean environment: the BERTH_* variables of whoever runs the tests
 	// must not leak in.
 	cmd.Env = append([]string{"PATH=" + os.Getenv("PATH"), "HOME=" + t.TempDir()}, env...)

@@ -70,7 +70,7 @@ func TestImage(t *testing.T) {
 
 	builder := "berth-builder:" + runtime.Version()
 	importBuilder(t, docker, builder)
-	proxy := moduleProxy(t, root)
+	proxy := moduleProxy(t)
 	const image = "berth:image-test"
 	out := docker.run(t, 20*time.Minute, "build", "--network", "host",
 		"--build-arg", "BUILDER_IMAGE="+builder,
@@ -318,15 +318,9 @@ func addFile(tw *tar.Writer, path, name string) error {
 // moduleProxy serves this machine's module download cache, which has the
 // layout of the GOPROXY protocol, on loopback. Building berth here first
 // makes sure the cache holds every module the image build will ask for.
-func moduleProxy(t *testing.T, root string) string {
+func moduleProxy(t *testing.T) string {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", os.DevNull, "./cmd/berth")
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/berth: %v\n%s", err, out)
-	}
+	testsupport.BerthBinary(t)
 	out, err := exec.Command("go", "env", "GOMODCACHE").Output()
 	if err != nil {
 		t.Fatal(err)

@@ -26,32 +26,10 @@ import (
 	"github.com/berth-dev/berth/internal/testsupport"
 )
 
-var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
-)
-
-// berthBinary builds the berth command once per test run: lifecycle is
-// about signals and exit codes, which only a real process shows.
-func berthBinary(t *testing.T) string {
-	t.Helper()
-	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "berth-bin-")
-		if err != nil {
-			buildErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "berth")
-		out, err := exec.Command("go", "build", "-o", binPath, ".").CombinedOutput()
-		if err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
-		}
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binPath
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testsupport.RemoveBuilds()
+	os.Exit(code)
 }
 
 // slowUpstream is an in-process registry whose blob responses are paced so
@@ -119,11 +97,13 @@ func (b *berthProc) logText() string {
 	return b.log.String()
 }
 
+// startBerth runs the built binary: lifecycle is about signals and exit
+// codes, which only a real process shows.
 func startBerth(t *testing.T, args ...string) *berthProc {
 	t.Helper()
 	b := &berthProc{addr: testsupport.FreeAddr(t), data: t.TempDir(), log: &bytes.Buffer{}, logMu: &sync.Mutex{}, exited: make(chan error, 1)}
 	args = append([]string{"serve", "--listen", b.addr, "--data", b.data}, args...)
-	b.cmd = exec.Command(berthBinary(t), args...)
+	b.cmd = exec.Command(testsupport.BerthBinary(t), args...)
 	b.cmd.Stdout = lockedBuffer{b.logMu, b.log}
 	b.cmd.Stderr = lockedBuffer{b.logMu, b.log}
 	if err := b.cmd.Start(); err != nil {
@@ -317,7 +297,7 @@ func TestServeRefusesBadConfig(t *testing.T) {
 			args = append([]string{"serve", "--data", dir}, tc.args...)
 		}
 		var stderr bytes.Buffer
-		cmd := exec.Command(berthBinary(t), args...)
+		cmd := exec.Command(testsupport.BerthBinary(t), args...)
 		cmd.Stderr = &stderr
 		err := cmd.Run()
 		ee, ok := err.(*exec.ExitError)
