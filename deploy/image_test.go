@@ -52,14 +52,14 @@ func TestImage(t *testing.T) {
 	if r := run(t, nil, "configure", "docker", "--write", "--file", daemonJSON, "--listen", berthAddr); r.code != 0 {
 		t.Fatalf("berth configure docker: exit %d\n%s", r.code, r.stderr)
 	}
-	docker := startDockerd(t, dir, daemonJSON)
+	docker := e2e.StartDockerd(t, e2e.DockerdOptions{ConfigFile: daemonJSON})
 
 	t.Run("dockerd reads the configured daemon.json", func(t *testing.T) {
 		var info struct {
 			Debug          bool
 			RegistryConfig struct{ Mirrors []string }
 		}
-		out := docker.run(t, time.Minute, "info", "--format", "{{json .}}")
+		out := docker.Docker(t, time.Minute, "info", "--format", "{{json .}}")
 		if err := json.Unmarshal([]byte(out), &info); err != nil {
 			t.Fatalf("docker info: %v\n%s", err, out)
 		}
@@ -72,7 +72,7 @@ func TestImage(t *testing.T) {
 	importBuilder(t, docker, builder)
 	proxy := moduleProxy(t)
 	const image = "berth:image-test"
-	out := docker.run(t, 20*time.Minute, "build", "--network", "host",
+	out := docker.Docker(t, 20*time.Minute, "build", "--network", "host",
 		"--build-arg", "BUILDER_IMAGE="+builder,
 		"--build-arg", "GOPROXY="+proxy,
 		"--build-arg", "GOSUMDB=off",
@@ -91,7 +91,7 @@ func TestImage(t *testing.T) {
 			}
 			RootFS struct{ Layers []string }
 		}
-		if err := json.Unmarshal([]byte(docker.run(t, time.Minute, "image", "inspect", image)), &cfg); err != nil || len(cfg) != 1 {
+		if err := json.Unmarshal([]byte(docker.Docker(t, time.Minute, "image", "inspect", image)), &cfg); err != nil || len(cfg) != 1 {
 			t.Fatalf("image inspect: %v", err)
 		}
 		c := cfg[0].Config
@@ -115,16 +115,16 @@ func TestImage(t *testing.T) {
 	// BERTH_LISTEN with no --listen: the documented way to move the port,
 	// which the image's HEALTHCHECK follows.
 	name := "berth-image-test"
-	docker.run(t, time.Minute, "run", "-d", "--name", name, "--network", "host",
+	docker.Docker(t, time.Minute, "run", "-d", "--name", name, "--network", "host",
 		"-e", "BERTH_LISTEN="+berthAddr,
 		"-e", "BERTH_UPSTREAM=docker.io="+reg.URL,
 		image, "serve", "--data", "/var/lib/berth")
 	t.Cleanup(func() {
 		if t.Failed() {
-			logs, _ := docker.try(time.Minute, "logs", "--tail", "50", name)
+			logs, _ := docker.DockerErr(time.Minute, "logs", "--tail", "50", name)
 			t.Logf("berth container logs:\n%s", logs)
 		}
-		docker.try(time.Minute, "rm", "-f", name)
+		docker.DockerErr(time.Minute, "rm", "-f", name)
 	})
 
 	t.Run("serves the registry API and health endpoints", func(t *testing.T) {
@@ -135,12 +135,12 @@ func TestImage(t *testing.T) {
 			}
 		}
 		// The binary's own probe, from inside the container.
-		docker.run(t, time.Minute, "exec", name, "/berth", "healthcheck", "--path", "/healthz")
+		docker.Docker(t, time.Minute, "exec", name, "/berth", "healthcheck", "--path", "/healthz")
 	})
 
 	t.Run("serves a pull", func(t *testing.T) {
-		docker.run(t, 5*time.Minute, "pull", berthAddr+"/library/hello:v1")
-		id := strings.TrimSpace(docker.run(t, time.Minute, "image", "inspect", "--format", "{{.Id}}", berthAddr+"/library/hello:v1"))
+		docker.Docker(t, 5*time.Minute, "pull", berthAddr+"/library/hello:v1")
+		id := strings.TrimSpace(docker.Docker(t, time.Minute, "image", "inspect", "--format", "{{.Id}}", berthAddr+"/library/hello:v1"))
 		if id != pushed.Config.Digest {
 			t.Fatalf("pulled image %s, pushed config %s", id, pushed.Config.Digest)
 		}
@@ -148,7 +148,7 @@ func TestImage(t *testing.T) {
 
 	t.Run("HEALTHCHECK reports healthy", func(t *testing.T) {
 		waitFor(t, 90*time.Second, "health status healthy", func() bool {
-			s, _ := docker.try(time.Minute, "inspect", "--format", "{{.State.Health.Status}}", name)
+			s, _ := docker.DockerErr(time.Minute, "inspect", "--format", "{{.State.Health.Status}}", name)
 			return strings.TrimSpace(s) == "healthy"
 		})
 	})
@@ -160,7 +160,7 @@ func TestImage(t *testing.T) {
 				Type, Destination, Source string
 			}
 		}
-		json.Unmarshal([]byte(docker.run(t, time.Minute, "inspect", name)), &state)
+		json.Unmarshal([]byte(docker.Docker(t, time.Minute, "inspect", name)), &state)
 		if len(state) != 1 || state[0].Config.User != "65532:65532" {
 			t.Fatalf("container state %+v", state)
 		}
@@ -193,44 +193,9 @@ func TestImage(t *testing.T) {
 	})
 }
 
-// engine is a private dockerd; its methods run the docker CLI against it.
-type engine struct{ env []string }
-
-func (e engine) run(t *testing.T, timeout time.Duration, args ...string) string {
-	t.Helper()
-	return e2e.Run(t, timeout, e.env, "docker", args...)
-}
-
-func (e engine) try(timeout time.Duration, args ...string) (string, error) {
-	return e2e.RunErr(timeout, e.env, "docker", args...)
-}
-
-// startDockerd runs dockerd on configFile, with private storage and sockets
-// and no networking of its own (containers use --network host).
-func startDockerd(t *testing.T, dir, configFile string) engine {
-	t.Helper()
-	sock := filepath.Join(dir, "docker.sock")
-	cmd := exec.Command("dockerd",
-		"--config-file", configFile,
-		"--storage-driver=vfs", "--iptables=false", "--bridge=none",
-		"--data-root", filepath.Join(dir, "data"),
-		"--exec-root", filepath.Join(dir, "exec"),
-		"--pidfile", filepath.Join(dir, "docker.pid"),
-		"-H", "unix://"+sock,
-	)
-	p := e2e.StartProcess(t, "dockerd", filepath.Join(dir, "dockerd.log"), cmd)
-	// DOCKER_BUILDKIT=0: the classic builder, which needs no buildx plugin.
-	e := engine{env: []string{"DOCKER_HOST=unix://" + sock, "DOCKER_CONFIG=" + filepath.Join(dir, "cli"), "DOCKER_BUILDKIT=0"}}
-	p.WaitUntil(t, 60*time.Second, "answering docker version", func(ctx context.Context) bool {
-		_, err := e.try(5*time.Second, "version")
-		return err == nil
-	})
-	return e
-}
-
 // importBuilder makes a builder image holding this machine's Go toolchain
 // and CA certificates: enough for the Dockerfile's exec-form RUN.
-func importBuilder(t *testing.T, docker engine, tag string) {
+func importBuilder(t *testing.T, docker *e2e.Dockerd, tag string) {
 	t.Helper()
 	goroot := runtime.GOROOT()
 	pr, pw := io.Pipe()
@@ -274,7 +239,7 @@ func importBuilder(t *testing.T, docker engine, tag string) {
 		"--change", "ENV PATH=/usr/local/go/bin:/usr/bin:/bin",
 		"--change", "ENV HOME=/root",
 		"-", tag)
-	cmd.Env = append(os.Environ(), docker.env...)
+	cmd.Env = append(os.Environ(), docker.Env()...)
 	cmd.Stdin = pr
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("docker import: %v\n%s", err, out)

@@ -23,6 +23,10 @@ type DockerdOptions struct {
 	Mirrors []string
 	// Insecure become insecure-registries (plain HTTP allowed).
 	Insecure []string
+	// ConfigFile is a daemon.json to run with as it is, for tests of a file
+	// written by someone else (berth configure docker, say). Mirrors and
+	// Insecure must then be empty.
+	ConfigFile string
 }
 
 // Dockerd is a private docker daemon: vfs storage (works inside any
@@ -42,22 +46,13 @@ func StartDockerd(t testing.TB, opts DockerdOptions) *Dockerd {
 	bin := testsupport.RequireTool(t, "dockerd")
 	testsupport.RequireTool(t, "docker")
 	dir := testsupport.ShortTempDir(t, "dk")
-	cfg := map[string]any{"debug": true}
-	if len(opts.Mirrors) > 0 {
-		cfg["registry-mirrors"] = opts.Mirrors
+	cfgPath := opts.ConfigFile
+	if cfgPath == "" {
+		cfgPath = writeDaemonJSON(t, dir, opts)
+	} else if len(opts.Mirrors)+len(opts.Insecure) > 0 {
+		t.Fatal("StartDockerd: Mirrors and Insecure cannot be added to a given ConfigFile")
 	}
-	if len(opts.Insecure) > 0 {
-		cfg["insecure-registries"] = opts.Insecure
-	}
-	cfgJSON, err := json.Marshal(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgPath := filepath.Join(dir, "daemon.json")
 	cliDir := filepath.Join(dir, "cli")
-	if err := os.WriteFile(cfgPath, cfgJSON, 0o644); err != nil {
-		t.Fatal(err)
-	}
 	if err := os.MkdirAll(cliDir, 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -92,17 +87,41 @@ func StartDockerd(t testing.TB, opts DockerdOptions) *Dockerd {
 	return d
 }
 
-func (d *Dockerd) env() []string {
-	return []string{"DOCKER_HOST=" + d.Host, "DOCKER_CONFIG=" + d.cliConfig}
+// writeDaemonJSON writes opts as dir/daemon.json and returns its path.
+func writeDaemonJSON(t testing.TB, dir string, opts DockerdOptions) string {
+	t.Helper()
+	cfg := map[string]any{"debug": true}
+	if len(opts.Mirrors) > 0 {
+		cfg["registry-mirrors"] = opts.Mirrors
+	}
+	if len(opts.Insecure) > 0 {
+		cfg["insecure-registries"] = opts.Insecure
+	}
+	cfgJSON, err := json.Marshal(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "daemon.json")
+	if err := os.WriteFile(path, cfgJSON, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+// Env is what the docker CLI needs in its environment to use this daemon
+// and nothing of the host's docker setup. DOCKER_BUILDKIT=0 picks the
+// classic builder, which needs no buildx plugin.
+func (d *Dockerd) Env() []string {
+	return []string{"DOCKER_HOST=" + d.Host, "DOCKER_CONFIG=" + d.cliConfig, "DOCKER_BUILDKIT=0"}
 }
 
 // Docker runs the docker CLI against this daemon; failure fails the test.
 func (d *Dockerd) Docker(t testing.TB, timeout time.Duration, args ...string) string {
 	t.Helper()
-	return Run(t, timeout, d.env(), "docker", args...)
+	return Run(t, timeout, d.Env(), "docker", args...)
 }
 
 // DockerErr runs the docker CLI and returns its error instead of failing.
 func (d *Dockerd) DockerErr(timeout time.Duration, args ...string) (string, error) {
-	return RunErr(timeout, d.env(), "docker", args...)
+	return RunErr(timeout, d.Env(), "docker", args...)
 }
