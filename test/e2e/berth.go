@@ -17,7 +17,7 @@ type Berth struct {
 	*Process
 	Host string // 127.0.0.1:PORT
 	URL  string // http://127.0.0.1:PORT
-	Data string // --data directory
+	Data string // the --data directory berth runs with
 }
 
 // UpstreamArgs makes berth fetch both docker.io names and names of
@@ -40,12 +40,9 @@ func StartBerth(t testing.TB, args ...string) *Berth {
 	t.Helper()
 	bin := testsupport.BerthBinary(t)
 	dir := t.TempDir()
-	data := filepath.Join(dir, "data")
-	hasData := false
-	for _, a := range args {
-		if a == "--data" || strings.HasPrefix(a, "--data=") {
-			hasData = true
-		}
+	data, hasData := dataArg(args)
+	if !hasData {
+		data = filepath.Join(dir, "data")
 	}
 	var full []string
 	noReadyz := false
@@ -74,6 +71,19 @@ func StartBerth(t testing.TB, args ...string) *Berth {
 	}
 	t.Logf("berth %s listening on %s", strings.Join(full[1:], " "), addr)
 	return &Berth{Process: p, Host: addr, URL: "http://" + addr, Data: data}
+}
+
+// dataArg returns the value of the last --data in args, which is the one
+// berth uses, as "--data DIR" or "--data=DIR".
+func dataArg(args []string) (dir string, ok bool) {
+	for i, a := range args {
+		if v, found := strings.CutPrefix(a, "--data="); found {
+			dir, ok = v, true
+		} else if a == "--data" && i+1 < len(args) {
+			dir, ok = args[i+1], true
+		}
+	}
+	return dir, ok
 }
 
 // berthReady: /readyz answers 200. A berth without /readyz (404) counts as

@@ -175,14 +175,12 @@ func startFleet(t *testing.T) *fleet {
 // empty). docker.io is the upstream, so blobs are keyed docker.io in S3.
 func (f *fleet) host(t *testing.T, dir string, extra ...string) *Berth {
 	t.Helper()
-	if dir == "" {
-		dir = filepath.Join(t.TempDir(), "data")
+	args := []string{"--upstream", "docker.io=" + f.up.URL, "--log-level", "debug"}
+	if dir != "" {
+		args = append(args, "--data", dir)
 	}
-	args := []string{"--data", dir, "--upstream", "docker.io=" + f.up.URL, "--log-level", "debug"}
 	args = append(args, f.bucket.Args()...)
-	b := StartBerth(t, append(args, extra...)...)
-	b.Data = dir // StartBerth names its own default there even when --data is given
-	return b
+	return StartBerth(t, append(args, extra...)...)
 }
 
 func (f *fleet) hosts(t *testing.T, n int, extra ...string) []*Berth {

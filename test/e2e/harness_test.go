@@ -141,3 +141,25 @@ func TestHarnessConformanceAgainstRegistry(t *testing.T) {
 	seed.TagList = true
 	RunConformance(t, seed)
 }
+
+// Berth.Data must name the directory berth really uses, or tests that look
+// at the cache on disk look in an empty directory and pass or fail for the
+// wrong reason.
+func TestHarnessBerthDataArg(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		dir  string
+		ok   bool
+	}{
+		{[]string{"--tag-ttl", "1s"}, "", false},
+		{[]string{"--data", "/srv/a", "--tag-ttl", "1s"}, "/srv/a", true},
+		{[]string{"--data=/srv/b"}, "/srv/b", true},
+		{[]string{"--data", "/srv/a", "--data=/srv/b"}, "/srv/b", true},
+		{[]string{"--data=/srv/b", "--data", "/srv/a"}, "/srv/a", true},
+	} {
+		dir, ok := dataArg(tc.args)
+		if dir != tc.dir || ok != tc.ok {
+			t.Errorf("dataArg(%q) = %q, %v; want %q, %v", tc.args, dir, ok, tc.dir, tc.ok)
+		}
+	}
+}
