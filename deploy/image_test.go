@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"io"
 	"io/fs"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -291,14 +290,7 @@ func moduleProxy(t *testing.T) string {
 		t.Fatal(err)
 	}
 	cache := filepath.Join(strings.TrimSpace(string(out)), "cache", "download")
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: http.FileServer(http.Dir(cache)), ReadHeaderTimeout: 10 * time.Second}
-	go srv.Serve(l)
-	t.Cleanup(func() { srv.Close() })
-	return "http://" + l.Addr().String()
+	return "http://" + testsupport.ServeLoopback(t, http.FileServer(http.Dir(cache)))
 }
 
 func get(url string) int {

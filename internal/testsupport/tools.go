@@ -3,11 +3,13 @@ package testsupport
 import (
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 )
 
 // InCI reports whether missing parts must fail tests instead of skipping them.
@@ -61,6 +63,23 @@ func FreePort(t testing.TB) int {
 // FreeAddr is FreePort as "127.0.0.1:PORT".
 func FreeAddr(t testing.TB) string {
 	return net.JoinHostPort("127.0.0.1", strconv.Itoa(FreePort(t)))
+}
+
+// ServeLoopback serves h on a free 127.0.0.1 port until the test ends and
+// returns "127.0.0.1:PORT". The listener is opened before return, so unlike
+// FreeAddr no other process can take the port. Cleanup closes every
+// connection at once rather than waiting for requests in flight, which may
+// be stalled on purpose.
+func ServeLoopback(t testing.TB, h http.Handler) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listening on loopback: %v", err)
+	}
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	return ln.Addr().String()
 }
 
 // ModuleRoot is the directory holding berth's go.mod, found by walking up from

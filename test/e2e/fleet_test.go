@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
@@ -67,11 +66,7 @@ func startFleetUpstream(t *testing.T, target string) *fleetUpstream {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	up := &fleetUpstream{URL: "http://" + ln.Addr().String()}
+	up := &fleetUpstream{}
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.FlushInterval = -1 // pass bytes on as they come, as a real link would
 	rp.ErrorLog = nil
@@ -81,16 +76,14 @@ func startFleetUpstream(t *testing.T, target string) *fleetUpstream {
 		}
 		return nil
 	}
-	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up.URL = "http://" + testsupport.ServeLoopback(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// Noted on arrival, so a fetch by a host killed halfway still counts.
 		rec := &upstreamReq{Method: r.Method, Path: r.URL.Path, Start: time.Now()}
 		up.mu.Lock()
 		up.reqs = append(up.reqs, rec)
 		up.mu.Unlock()
 		rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), reqKey{}, rec)))
-	})}
-	go srv.Serve(ln)
-	t.Cleanup(func() { srv.Close() })
+	}))
 	return up
 }
 

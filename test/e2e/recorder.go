@@ -1,13 +1,14 @@
 package e2e
 
 import (
-	"net"
 	"net/http"
 	"net/http/httputil"
 	"net/url"
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // Request is one request a Recorder passed on.
@@ -26,7 +27,6 @@ type Recorder struct {
 	Host string // 127.0.0.1:PORT
 	URL  string
 
-	srv  *http.Server
 	mu   sync.Mutex
 	reqs []Request
 }
@@ -39,14 +39,10 @@ func StartRecorder(t testing.TB, target string) *Recorder {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	rec := &Recorder{Host: ln.Addr().String(), URL: "http://" + ln.Addr().String()}
+	rec := &Recorder{}
 	rp := httputil.NewSingleHostReverseProxy(u)
 	rp.ErrorLog = nil
-	rec.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	rec.Host = testsupport.ServeLoopback(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		sw := &recordingWriter{ResponseWriter: w}
 		rp.ServeHTTP(sw, r)
 		rec.mu.Lock()
@@ -55,9 +51,8 @@ func StartRecorder(t testing.TB, target string) *Recorder {
 			URI: r.URL.RequestURI(), Status: sw.status,
 		})
 		rec.mu.Unlock()
-	})}
-	go rec.srv.Serve(ln)
-	t.Cleanup(func() { rec.srv.Close() })
+	}))
+	rec.URL = "http://" + rec.Host
 	return rec
 }
 
