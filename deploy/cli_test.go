@@ -14,11 +14,7 @@ import (
 	"github.com/berth-dev/berth/internal/testsupport"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testsupport.RemoveBuilds()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testsupport.Main(m) }
 
 type result struct {
 	code           int

@@ -26,11 +26,7 @@ import (
 	"github.com/berth-dev/berth/internal/testsupport"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testsupport.RemoveBuilds()
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testsupport.Main(m) }
 
 // slowUpstream is an in-process registry whose blob responses are paced so
 // a pull is still running when the test acts.

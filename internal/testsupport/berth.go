@@ -37,8 +37,8 @@ func raceBuild() bool {
 }
 
 // BerthBinary builds ./cmd/berth once per test process and returns its path.
-// A build failure fails the test: it is never a reason to skip. The package's
-// TestMain should call RemoveBuilds after the tests.
+// A build failure fails the test: it is never a reason to skip. A package
+// that uses it runs its tests through Main, which removes the build.
 func BerthBinary(t testing.TB) string {
 	t.Helper()
 	build.once.Do(func() {
@@ -72,9 +72,12 @@ func BerthBinary(t testing.TB) string {
 	return build.bin
 }
 
-// RemoveBuilds deletes the binary BerthBinary built, if it built one.
-func RemoveBuilds() {
+// Main runs a package's tests, removes the binary BerthBinary built, if it
+// built one, and exits; call it from TestMain.
+func Main(m *testing.M) {
+	code := m.Run()
 	if build.dir != "" {
 		os.RemoveAll(build.dir)
 	}
+	os.Exit(code)
 }
