@@ -16,21 +16,10 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/config"
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
-// need returns the path of a tool, skipping the test without it; in CI a
-// missing tool is a failure, since nothing may be skipped there.
-func need(t *testing.T, tool string) string {
-	t.Helper()
-	p, err := exec.LookPath(tool)
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("%s is required in CI (apt-get install systemd): %v", tool, err)
-		}
-		t.Skipf("%s not installed (apt-get install systemd): %v", tool, err)
-	}
-	return p
-}
+func TestMain(m *testing.M) { testsupport.Main(m) }
 
 // verifyTree lays out a unit search path holding the given files plus stub
 // containerd.service and docker.service units (the drop-ins extend them; the
@@ -78,7 +67,7 @@ func shipped(t *testing.T) map[string]string {
 // /usr/local/bin is untouched.
 func verify(t *testing.T, unitDir string, units ...string) (string, error) {
 	t.Helper()
-	analyze := need(t, "systemd-analyze")
+	analyze := testsupport.RequireTool(t, "systemd-analyze")
 	bin := t.TempDir()
 	if err := os.WriteFile(filepath.Join(bin, "berth"), []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
 		t.Fatal(err)
@@ -101,10 +90,7 @@ func verify(t *testing.T, unitDir string, units ...string) (string, error) {
 	out, err := cmd.CombinedOutput()
 	var perr *os.PathError
 	if errors.As(err, &perr) || errors.Is(err, syscall.EPERM) {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("cannot make a private mount namespace for systemd-analyze: %v", err)
-		}
-		t.Skipf("cannot make a private mount namespace (needs root or CAP_SYS_ADMIN): %v", err)
+		testsupport.SkipOrFail(t, "cannot make a private mount namespace for systemd-analyze (needs root or CAP_SYS_ADMIN): %v", err)
 	}
 	if bytes.Contains(out, []byte("mount: ")) {
 		t.Fatalf("bind-mounting the stub berth failed: %s", out)
@@ -315,12 +301,9 @@ func TestEnvironmentFile(t *testing.T) {
 
 // berth itself must accept the command line the unit starts it with.
 func TestExecStartParsesInBerth(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "berth")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	bin := testsupport.BerthBinary(t)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, "../cmd/berth").CombinedOutput(); err != nil {
-		t.Fatalf("building berth: %v\n%s", err, out)
-	}
 	exec0, _ := parseUnit(t, "berth.service").last("Service", "ExecStart")
 	args := strings.Fields(exec0)[1:]
 	// --help after the unit's own flags: they must parse, and berth stops
