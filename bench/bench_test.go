@@ -66,6 +66,7 @@ func TestQuickRun(t *testing.T) {
 		"peak RSS, 3 clients streaming one 16 MiB blob, cold (MiB)",
 		"peak RSS, 3 clients streaming one 16 MiB blob, hot (MiB)",
 		"pull of a cached tag, upstream hung (s)",
+		"next pull of that tag, upstream still hung (s)",
 	}
 	if len(rows) != len(want) {
 		t.Errorf("table has %d rows, want %d", len(rows), len(want))

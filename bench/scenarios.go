@@ -233,7 +233,7 @@ func (b *bench) prime(ctx context.Context, s *server) error {
 		if err := getBlob(ctx, client, b.blobURL(s), b.big.size); err != nil {
 			return err
 		}
-		if attempt > 1 && b.link.upstreamBytes() == 0 {
+		if attempt > 1 && b.checkHot(s) == nil {
 			return nil
 		}
 		if attempt == 10 {
@@ -243,9 +243,10 @@ func (b *bench) prime(ctx context.Context, s *server) error {
 	}
 }
 
-// checkHot fails a hot measurement that reached the upstream after all.
+// checkHot fails a hot measurement that fetched blob bytes from the
+// upstream after all. A few hundred bytes are the mirrors' health pings.
 func (b *bench) checkHot(s *server) error {
-	if n := b.link.upstreamBytes(); n > 0 {
+	if n := b.link.upstreamBytes(); n > 64<<10 {
 		return fmt.Errorf("%s fetched %s from the upstream while serving a cached blob", s.kind, sizeString(n))
 	}
 	return nil
@@ -403,57 +404,18 @@ func (b *bench) scenarioHang(ctx context.Context) error {
 		return err
 	}
 	o := b.opt
-	r := b.table.add("pull of a cached tag, upstream hung (s)", "%.2f").withGoal(3)
-	type seeded struct {
-		m  mirror
-		s  *server
-		tr *http.Transport
-	}
-	var ms []seeded
-	defer func() {
-		// Let stuck requests finish so the mirrors can shut down promptly.
-		b.link.unhang()
-		for _, x := range ms {
-			x.s.stop()
-			x.tr.CloseIdleConnections()
-		}
-	}()
+	first := b.table.add("pull of a cached tag, upstream hung (s)", "%.2f").withGoal(3)
+	next := b.table.add("next pull of that tag, upstream still hung (s)", "%.2f").informational()
+	// Each repetition starts from a fresh mirror and a link that has just
+	// hung: a mirror may remember a failed revalidation, so only the first
+	// pull after the hang shows what a client waits the first time.
 	for _, m := range b.mirrors(o.tagTTL) {
-		s, err := m.start(ctx)
-		if err != nil {
-			return err
-		}
-		x := seeded{m, s, newTransport()}
-		ms = append(ms, x)
-		if _, err := pullImage(ctx, x.tr, s.addr, b.image); err != nil {
-			return fmt.Errorf("%s: seeding the cache: %w", m.name, err)
-		}
-	}
-	b.link.hang()
-	for _, x := range ms {
-		c := x.m.cell(r)
 		for rep := range o.reps {
-			// The tag must be past its TTL so the mirror has to ask the upstream.
-			time.Sleep(o.tagTTL + 250*time.Millisecond)
-			pctx, cancel := context.WithTimeout(ctx, o.hangCap)
-			start := time.Now()
-			_, err := pullImage(pctx, x.tr, x.s.addr, b.image)
-			d := time.Since(start)
-			cancel()
-			switch {
-			case ctx.Err() != nil:
-				return ctx.Err()
-			case err != nil && errors.Is(pctx.Err(), context.DeadlineExceeded):
-				b.logf("%s, repetition %d: no answer within %v", x.m.name, rep+1, o.hangCap)
-				c.capped = true
-				c.add(o.hangCap.Seconds())
-			case err != nil:
-				b.fail(c, fmt.Sprintf("%s, cached tag pull with the upstream hung", x.m.name), err)
-			default:
-				b.logf("%s, repetition %d: pulled in %.2f s", x.m.name, rep+1, d.Seconds())
-				c.add(d.Seconds())
+			capped, err := b.hungPulls(ctx, m, rep, m.cell(first), m.cell(next))
+			if err != nil {
+				return err
 			}
-			if c.capped {
+			if capped {
 				// One capped pull says what there is to say; more would
 				// only spend the time budget.
 				break
@@ -461,6 +423,52 @@ func (b *bench) scenarioHang(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// hungPulls seeds a fresh mirror, hangs the link and times two pulls of the
+// cached tag, each after the tag's TTL has passed.
+func (b *bench) hungPulls(ctx context.Context, m mirror, rep int, first, next *cell) (capped bool, err error) {
+	s, err := m.start(ctx)
+	if err != nil {
+		return false, err
+	}
+	tr := newTransport()
+	defer func() {
+		// Let stuck requests finish so the mirror can shut down promptly.
+		b.link.unhang()
+		s.stop()
+		tr.CloseIdleConnections()
+	}()
+	if _, err := pullImage(ctx, tr, s.addr, b.image); err != nil {
+		return false, fmt.Errorf("%s: seeding the cache: %w (log: %s)", m.name, err, s.p.log)
+	}
+	b.link.hang()
+	for i, c := range []*cell{first, next} {
+		// The tag must be past its TTL so the mirror has to ask the upstream.
+		time.Sleep(b.opt.tagTTL + 250*time.Millisecond)
+		what := fmt.Sprintf("%s, repetition %d, pull %d with the upstream hung", m.name, rep+1, i+1)
+		pctx, cancel := context.WithTimeout(ctx, b.opt.hangCap)
+		start := time.Now()
+		_, err := pullImage(pctx, tr, s.addr, b.image)
+		d := time.Since(start)
+		cancel()
+		switch {
+		case ctx.Err() != nil:
+			return false, ctx.Err()
+		case err != nil && errors.Is(pctx.Err(), context.DeadlineExceeded):
+			b.logf("%s: no answer within %v", what, b.opt.hangCap)
+			c.capped = true
+			c.add(b.opt.hangCap.Seconds())
+			return true, nil
+		case err != nil:
+			b.fail(c, what, err)
+			return false, nil
+		default:
+			b.logf("%s: %.2f s", what, d.Seconds())
+			c.add(d.Seconds())
+		}
+	}
+	return false, nil
 }
 
 func plural(n int, s string) string {
