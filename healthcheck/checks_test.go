@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 func TestDirWritable(t *testing.T) {
@@ -173,12 +175,5 @@ func TestFunc(t *testing.T) {
 
 // closedAddr is a loopback address where nothing listens.
 func closedAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	return addr
+	return testsupport.FreeAddr(t)
 }

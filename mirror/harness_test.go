@@ -11,7 +11,6 @@ import (
 	"io"
 	"log"
 	"math/rand"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -34,6 +33,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/berth-dev/berth/config"
+	"github.com/berth-dev/berth/internal/testsupport"
 	"github.com/berth-dev/berth/storage"
 )
 
@@ -540,14 +540,7 @@ func randomBytes(seed int64, n int) []byte {
 
 // closedPortURL is an http URL nothing listens on.
 func closedPortURL(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return "http://" + addr
+	return "http://" + testsupport.FreeAddr(t)
 }
 
 var errTimeout = errors.New("timed out")

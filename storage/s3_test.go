@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -19,6 +18,8 @@ import (
 	"github.com/aws/aws-sdk-go-v2/service/s3/types"
 	"github.com/aws/smithy-go"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // newTestS3 points the tier at endpoint with fixed credentials and no AWS
@@ -240,12 +241,7 @@ func TestRequestFailureIgnoresOrdinaryAnswers(t *testing.T) {
 // An unreachable S3 must not stop NewS3, and each operation must fail within
 // a bounded time, reporting every attempt.
 func TestS3UnreachableFailsFast(t *testing.T) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	endpoint := "http://" + l.Addr().String()
-	l.Close() // nothing listens there now: connections are refused
+	endpoint := "http://" + testsupport.FreeAddr(t) // connections are refused
 
 	var mu sync.Mutex
 	failures := map[string]int{}
