@@ -459,6 +459,9 @@ func (b *bench) hungPulls(ctx context.Context, m mirror, rep int, first, next *c
 			b.logf("%s: no answer within %v", what, b.opt.hangCap)
 			c.capped = true
 			c.add(b.opt.hangCap.Seconds())
+			if i == 0 && !next.measured() {
+				next.note = "not run"
+			}
 			return true, nil
 		case err != nil:
 			b.fail(c, what, err)
