@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/opencontainers/go-digest"
 
 	"github.com/berth-dev/berth/internal/testsupport"
@@ -69,31 +68,6 @@ func readBlob(t *testing.T, ctx context.Context, s *S3, k Key) ([]byte, int64) {
 		t.Fatalf("read blob %s: %v", k, err)
 	}
 	return b, size
-}
-
-func rawPut(t *testing.T, ctx context.Context, m *testsupport.MinIO, bucket, key string, body []byte) {
-	t.Helper()
-	_, err := m.Client().PutObject(ctx, &s3.PutObjectInput{Bucket: &bucket, Key: &key, Body: bytes.NewReader(body)})
-	if err != nil {
-		t.Fatalf("raw put %s: %v", key, err)
-	}
-}
-
-func rawGet(t *testing.T, ctx context.Context, m *testsupport.MinIO, bucket, key string) ([]byte, bool) {
-	t.Helper()
-	out, err := m.Client().GetObject(ctx, &s3.GetObjectInput{Bucket: &bucket, Key: &key})
-	if isNotFound(err) {
-		return nil, false
-	}
-	if err != nil {
-		t.Fatalf("raw get %s: %v", key, err)
-	}
-	defer out.Body.Close()
-	b, err := io.ReadAll(out.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b, true
 }
 
 // requestCounter counts OnRequest calls by operation.
@@ -154,7 +128,7 @@ func TestMinIO(t *testing.T) {
 		if n, err := s.StatBlob(ctx, k); err != nil || n != int64(len(want)) {
 			t.Errorf("StatBlob = %d, %v", n, err)
 		}
-		raw, ok := rawGet(t, ctx, m, bucket, "berth/blobs/docker.io/sha256/"+d.Encoded())
+		raw, ok := m.GetObject(t, bucket, "berth/blobs/docker.io/sha256/"+d.Encoded())
 		if !ok || !bytes.Equal(raw, want) {
 			t.Error("blob is not at its documented key")
 		}
@@ -228,14 +202,14 @@ func TestMinIO(t *testing.T) {
 				// Another host finishes the same blob while this one is
 				// uploading parts.
 				if op == "CreateMultipartUpload" {
-					once.Do(func() { rawPut(t, ctx, m, bucket, key, []byte("other host's copy")) })
+					once.Do(func() { m.PutObject(t, bucket, key, []byte("other host's copy")) })
 				}
 			}
 		})
 		if err := s.PutBlob(ctx, Key{Upstream: "docker.io", Digest: d}, f, int64(len(want))); err != nil {
 			t.Fatalf("PutBlob that lost the race: %v", err)
 		}
-		if raw, _ := rawGet(t, ctx, m, bucket, key); string(raw) != "other host's copy" {
+		if raw, _ := m.GetObject(t, bucket, key); string(raw) != "other host's copy" {
 			t.Fatal("multipart upload overwrote an object written during the upload")
 		}
 	})
@@ -250,11 +224,11 @@ func TestMinIO(t *testing.T) {
 		f, want, d := blobFile(t, 8192)
 		k := Key{Upstream: "docker.io", Digest: d}
 		blobKey := "berth/blobs/docker.io/sha256/" + d.Encoded()
-		rawPut(t, ctx, m, bucket, blobKey, []byte("garbage"))
+		m.PutObject(t, bucket, blobKey, []byte("garbage"))
 		if err := s.PutBlob(ctx, k, f, int64(len(want))); err != nil {
 			t.Fatal(err)
 		}
-		if raw, _ := rawGet(t, ctx, m, bucket, blobKey); string(raw) != "garbage" {
+		if raw, _ := m.GetObject(t, bucket, blobKey); string(raw) != "garbage" {
 			t.Fatal("PutBlob overwrote an existing object")
 		}
 		if err := s.DeleteBlob(ctx, k); err != nil {
@@ -274,7 +248,7 @@ func TestMinIO(t *testing.T) {
 		content := []byte(`{"schemaVersion":2}`)
 		mk := Key{Upstream: "docker.io", Digest: digest.FromBytes(content)}
 		manKey := "berth/manifests/docker.io/sha256/" + mk.Digest.Encoded()
-		rawPut(t, ctx, m, bucket, manKey, []byte(`{"schemaVersion":1}`))
+		m.PutObject(t, bucket, manKey, []byte(`{"schemaVersion":1}`))
 		man := Manifest{MediaType: "application/vnd.oci.image.manifest.v1+json", Content: content}
 		if err := s.PutManifest(ctx, mk, man); err != nil {
 			t.Fatal(err)
@@ -283,7 +257,7 @@ func TestMinIO(t *testing.T) {
 		if !errors.Is(err, ErrCorrupt) || !errors.Is(err, ErrNotFound) {
 			t.Fatalf("GetManifest of corrupt object = %v, want ErrCorrupt and ErrNotFound", err)
 		}
-		if _, ok := rawGet(t, ctx, m, bucket, manKey); ok {
+		if _, ok := m.GetObject(t, bucket, manKey); ok {
 			t.Fatal("corrupt manifest left in the bucket")
 		}
 		if err := s.PutManifest(ctx, mk, man); err != nil {
@@ -342,7 +316,7 @@ func TestMinIO(t *testing.T) {
 			t.Errorf("GetTag of another tag = %v", err)
 		}
 
-		rawPut(t, ctx, m, bucket, "berth/tags/docker.io/library/broken/latest", []byte("{not json"))
+		m.PutObject(t, bucket, "berth/tags/docker.io/library/broken/latest", []byte("{not json"))
 		if _, err := a.GetTag(ctx, "docker.io", "library/broken", "latest"); !errors.Is(err, ErrCorrupt) || !errors.Is(err, ErrNotFound) {
 			t.Errorf("GetTag of an unreadable record = %v, want ErrCorrupt", err)
 		}
@@ -377,7 +351,7 @@ func TestMinIO(t *testing.T) {
 		if err := la.Release(ctx); err != nil {
 			t.Fatal(err)
 		}
-		if _, ok := rawGet(t, ctx, m, bucket, "berth/leases/"+name); ok {
+		if _, ok := m.GetObject(t, bucket, "berth/leases/"+name); ok {
 			t.Fatal("released lease still in the bucket")
 		}
 		lb, err := b.AcquireS3Lease(ctx, name, time.Minute)

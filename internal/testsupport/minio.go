@@ -2,9 +2,12 @@
 package testsupport
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"errors"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -16,6 +19,7 @@ import (
 	"github.com/aws/aws-sdk-go-v2/aws"
 	"github.com/aws/aws-sdk-go-v2/credentials"
 	"github.com/aws/aws-sdk-go-v2/service/s3"
+	"github.com/aws/smithy-go"
 )
 
 // MinIO is a MinIO server on 127.0.0.1 with its own data directory, owned by
@@ -175,6 +179,44 @@ func (m *MinIO) NewBucket(t testing.TB) string {
 		t.Fatalf("minio: create bucket %s: %v", name, err)
 	}
 	return name
+}
+
+// PutObject writes an object unconditionally, past berth, as an operator, a
+// faulty tool or another host might: tests plant what berth must cope with.
+func (m *MinIO) PutObject(t testing.TB, bucket, key string, body []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	_, err := m.Client().PutObject(ctx, &s3.PutObjectInput{
+		Bucket: aws.String(bucket), Key: aws.String(key), Body: bytes.NewReader(body),
+		ContentLength: aws.Int64(int64(len(body))),
+	})
+	if err != nil {
+		t.Fatalf("minio: put s3://%s/%s: %v", bucket, key, err)
+	}
+}
+
+// GetObject reads an object past berth, to check what berth left in the
+// bucket; ok is false when there is no such key. A missing bucket is not a
+// missing key: it fails the test.
+func (m *MinIO) GetObject(t testing.TB, bucket, key string) (body []byte, ok bool) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	out, err := m.Client().GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String(bucket), Key: aws.String(key)})
+	var apiErr smithy.APIError
+	if errors.As(err, &apiErr) && apiErr.ErrorCode() == "NoSuchKey" {
+		return nil, false
+	}
+	if err != nil {
+		t.Fatalf("minio: get s3://%s/%s: %v", bucket, key, err)
+	}
+	defer out.Body.Close()
+	body, err = io.ReadAll(out.Body)
+	if err != nil {
+		t.Fatalf("minio: get s3://%s/%s: %v", bucket, key, err)
+	}
+	return body, true
 }
 
 func randomHex(n int) string {

@@ -1,13 +1,11 @@
 package e2e
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -118,16 +116,9 @@ func (f *FleetBucket) Exists(t testing.TB, key string) bool {
 // Get reads an object.
 func (f *FleetBucket) Get(t testing.TB, key string) []byte {
 	t.Helper()
-	ctx, cancel := opContext()
-	defer cancel()
-	out, err := f.MinIO.Client().GetObject(ctx, &s3.GetObjectInput{Bucket: aws.String(f.Bucket), Key: aws.String(key)})
-	if err != nil {
-		t.Fatalf("get s3://%s/%s: %v", f.Bucket, key, err)
-	}
-	defer out.Body.Close()
-	b, err := io.ReadAll(out.Body)
-	if err != nil {
-		t.Fatalf("get s3://%s/%s: %v", f.Bucket, key, err)
+	b, ok := f.MinIO.GetObject(t, f.Bucket, key)
+	if !ok {
+		t.Fatalf("get s3://%s/%s: no such key", f.Bucket, key)
 	}
 	return b
 }
@@ -136,15 +127,7 @@ func (f *FleetBucket) Get(t testing.TB, key string) []byte {
 // might.
 func (f *FleetBucket) Put(t testing.TB, key string, body []byte) {
 	t.Helper()
-	ctx, cancel := opContext()
-	defer cancel()
-	_, err := f.MinIO.Client().PutObject(ctx, &s3.PutObjectInput{
-		Bucket: aws.String(f.Bucket), Key: aws.String(key), Body: bytes.NewReader(body),
-		ContentLength: aws.Int64(int64(len(body))),
-	})
-	if err != nil {
-		t.Fatalf("put s3://%s/%s: %v", f.Bucket, key, err)
-	}
+	f.MinIO.PutObject(t, f.Bucket, key, body)
 }
 
 // WaitBlobs waits until the bucket holds every blob (hosts upload after
