@@ -35,6 +35,9 @@ func need(t *testing.T, root, tool string) {
 // TestQuickRun runs the whole benchmark with tiny sizes and checks that the
 // table has every row and that its numbers parse and make sense.
 func TestQuickRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts registries, berth and nginx; not in -short mode")
+	}
 	root, err := moduleRoot()
 	if err != nil {
 		t.Fatal(err)
