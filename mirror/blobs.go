@@ -187,31 +187,13 @@ func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightR
 	}
 	blobHeaders(w, fl.key.Digest)
 	cw := &countingWriter{ResponseWriter: w}
-	er := &errReader{r: rd}
-	http.ServeContent(cw, r, "", time.Time{}, struct {
-		io.Reader
-		io.Seeker
-	}{er, rd})
+	http.ServeContent(cw, r, "", time.Time{}, rd)
 	s.metrics.bytesServed.WithLabelValues(fl.label).Add(float64(cw.n))
-	if er.err != nil && !errors.Is(er.err, context.Canceled) {
+	if rd.err != nil && !errors.Is(rd.err, context.Canceled) {
 		// Headers are gone already: cut the connection so the client sees a
 		// short body, never a complete wrong one.
 		panic(http.ErrAbortHandler)
 	}
-}
-
-// errReader remembers the error that ended a copy ServeContent does not report.
-type errReader struct {
-	r   io.Reader
-	err error
-}
-
-func (e *errReader) Read(p []byte) (int, error) {
-	n, err := e.r.Read(p)
-	if err != nil && err != io.EOF {
-		e.err = err
-	}
-	return n, err
 }
 
 func (s *Server) headUpstreamBlob(w http.ResponseWriter, r *http.Request, up *upstream, repo string, dgst digest.Digest) {
@@ -333,6 +315,15 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 }
 
 func (c *countingWriter) ReadFrom(r io.Reader) (int64, error) {
+	// ServeContent copies a flight through io.CopyN: a LimitedReader around it.
+	if lr, ok := r.(*io.LimitedReader); ok {
+		if fr, ok := lr.R.(*flightReader); ok {
+			n, err := fr.sendTo(c.ResponseWriter, lr.N)
+			lr.N -= n
+			c.n += n
+			return n, err
+		}
+	}
 	if rf, ok := c.ResponseWriter.(io.ReaderFrom); ok {
 		n, err := rf.ReadFrom(r)
 		c.n += n

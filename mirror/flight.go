@@ -3,6 +3,7 @@ package mirror
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"sync"
@@ -136,18 +137,21 @@ type flightReader struct {
 	canceled bool
 	stop     func() bool
 	closed   bool
+	err      error    // what ended reading early, if anything
+	file     *os.File // own open file for sendfile, see sendTo
 }
 
-func (r *flightReader) Read(p []byte) (int, error) {
+// available blocks until bytes past r.off may be read and returns where
+// they end; io.EOF at the end of a verified blob.
+func (r *flightReader) available() (int64, error) {
 	f := r.f
 	f.mu.Lock()
+	defer f.mu.Unlock()
 	for {
 		if f.err != nil {
-			f.mu.Unlock()
 			return 0, errFlightAborted
 		}
 		if r.canceled {
-			f.mu.Unlock()
 			return 0, context.Canceled
 		}
 		avail := f.written
@@ -155,24 +159,71 @@ func (r *flightReader) Read(p []byte) (int, error) {
 			avail-- // hold back the last byte until the digest is verified
 		}
 		if r.off < avail {
-			n := int64(len(p))
-			if n > avail-r.off {
-				n = avail - r.off
-			}
-			f.mu.Unlock()
-			m, err := f.rf.ReadAt(p[:n], r.off)
-			r.off += int64(m)
-			if err == io.EOF && m > 0 {
-				err = nil
-			}
-			return m, err
+			return avail, nil
 		}
 		if f.done {
-			f.mu.Unlock()
 			return 0, io.EOF
 		}
 		f.cond.Wait()
 	}
+}
+
+func (r *flightReader) fail(err error) error {
+	if err != nil && err != io.EOF && r.err == nil {
+		r.err = err
+	}
+	return err
+}
+
+func (r *flightReader) Read(p []byte) (int, error) {
+	avail, err := r.available()
+	if err != nil {
+		return 0, r.fail(err)
+	}
+	n := min(int64(len(p)), avail-r.off)
+	m, err := r.f.rf.ReadAt(p[:n], r.off)
+	r.off += int64(m)
+	if err == io.EOF && m > 0 {
+		err = nil
+	}
+	return m, r.fail(err)
+}
+
+// sendTo writes up to limit bytes to w as they become available. Each
+// stretch goes out as an *os.File section so the connection can use
+// sendfile, as for cached blobs: many clients streaming one download then
+// cost little more CPU than serving it hot.
+func (r *flightReader) sendTo(w io.Writer, limit int64) (int64, error) {
+	if r.file == nil {
+		// An open file of its own, for an offset of its own: sendfile reads
+		// from the file's position. /proc finds the temp file even after
+		// it was renamed into the cache or unlinked.
+		f, err := os.Open(fmt.Sprintf("/proc/self/fd/%d", r.f.rf.Fd()))
+		if err != nil {
+			return io.Copy(w, struct{ io.Reader }{io.LimitReader(r, limit)})
+		}
+		r.file = f
+	}
+	var sent int64
+	for sent < limit {
+		avail, err := r.available()
+		if err == io.EOF {
+			return sent, nil
+		}
+		if err != nil {
+			return sent, r.fail(err)
+		}
+		if _, err := r.file.Seek(r.off, io.SeekStart); err != nil {
+			return sent, r.fail(err)
+		}
+		n, err := io.Copy(w, &io.LimitedReader{R: r.file, N: min(avail-r.off, limit-sent)})
+		r.off += n
+		sent += n
+		if err != nil {
+			return sent, r.fail(err)
+		}
+	}
+	return sent, nil
 }
 
 func (r *flightReader) Seek(offset int64, whence int) (int64, error) {
@@ -200,6 +251,9 @@ func (r *flightReader) Close() error {
 	}
 	r.closed = true
 	r.stop()
+	if r.file != nil {
+		r.file.Close()
+	}
 	f := r.f
 	f.mu.Lock()
 	f.readers--
