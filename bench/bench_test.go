@@ -42,14 +42,14 @@ func TestQuickRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, tool := range []string{"go", "registry", "nginx"} {
+	for _, tool := range []string{"go", "registry", "nginx", "minio"} {
 		need(t, root, tool)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var out, log bytes.Buffer
 	args := []string{"-quick", "-layer-size", "128KiB", "-big", "16MiB", "-ns", "1,3", "-wall-n", "3",
-		"-reps", "2", "-rss-clients", "3", "-cpu-clients", "2", "-cpu-reads", "8", "-hang-cap", "5s", "-work", t.TempDir()}
+		"-reps", "1", "-rss-clients", "3", "-cpu-clients", "2", "-cpu-reads", "8", "-hang-cap", "5s", "-work", t.TempDir()}
 	err = run(ctx, args, &out, &log)
 	t.Logf("progress:\n%s", log.String())
 	t.Logf("output:\n%s", out.String())
@@ -70,6 +70,13 @@ func TestQuickRun(t *testing.T) {
 		"peak RSS, 3 clients streaming one 16 MiB blob, hot (MiB)",
 		"pull of a cached tag, upstream hung (s)",
 		"next pull of that tag, upstream still hung (s)",
+		"fleet, 3 hosts × 10 cold pulls: upstream bytes ÷ image bytes",
+		"fleet, 3 hosts × 10 cold pulls: wall time (s)",
+		"fleet: one cold pull on one host on the bucket (s)",
+		"fleet wall time ÷ one cold pull on one host",
+		"fleet, 3 hosts × 10 cold pulls: the same pulls hot (s)",
+		"fleet: S3 read requests per blob read from S3",
+		"fleet: S3 write requests per round",
 	}
 	if len(rows) != len(want) {
 		t.Errorf("table has %d rows, want %d", len(rows), len(want))
@@ -80,8 +87,13 @@ func TestQuickRun(t *testing.T) {
 			t.Errorf("row %q missing", metric)
 			continue
 		}
+		// Tiny blobs may all come from the lease holder's upload before
+		// anyone else asks; then nothing was read from S3 to divide by.
+		if r[0] == "no blob read from S3" {
+			continue
+		}
 		berth := number(t, metric, "berth", r[0], false)
-		if r[1] != "not run" {
+		if r[1] != "not run" && r[1] != "no blob read from S3" {
 			number(t, metric, "distribution", r[1], true)
 		}
 		switch r[3] {
@@ -95,7 +107,7 @@ func TestQuickRun(t *testing.T) {
 		}
 		// The link counts every byte berth fetches: one complete copy at
 		// least, and per-request overhead on 128 KiB layers stays small.
-		if strings.HasPrefix(metric, "upstream bytes") && (berth < 1 || berth > 1.5) {
+		if strings.Contains(metric, "upstream bytes") && (berth < 1 || berth > 1.5) {
 			t.Errorf("%s: berth %v, want between 1 and 1.5", metric, berth)
 		}
 		if strings.HasPrefix(metric, "peak RSS") && berth <= 0 {

@@ -49,13 +49,11 @@ type options struct {
 	verbose   bool
 	perfDir   string
 
-	berthBin, registryBin, nginxBin string
+	berthBin, registryBin, nginxBin, minioBin string
 }
 
 // allScenarios in the order they run. A scenario is a function over the
-// shared bench (upstream, link, content) adding rows to the table; the fleet
-// scenario of the S3 tier will join this list once berth serve takes
-// --s3-bucket.
+// shared bench (upstream, link, content) adding rows to the table.
 var allScenarios = []struct {
 	name, help string
 	run        func(*bench, context.Context) error
@@ -64,6 +62,7 @@ var allScenarios = []struct {
 	{"cpu", "server CPU per GiB of hot blobs, beside nginx with sendfile", (*bench).scenarioCPU},
 	{"rss", "berth's peak RSS while many clients stream one big blob, cold and hot", (*bench).scenarioRSS},
 	{"hang", "pull of a cached tag while the upstream hangs", (*bench).scenarioHang},
+	{"fleet", "three hosts sharing one S3 bucket (MinIO), ten cold pulls on each", (*bench).scenarioFleet},
 }
 
 func main() {
@@ -130,6 +129,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.berthBin, "berth", "", "berth binary (default: built from this checkout)")
 	fs.StringVar(&o.registryBin, "registry", "", "distribution registry binary (default: ./bin/registry, then PATH)")
 	fs.StringVar(&o.nginxBin, "nginx", "", "nginx binary (default: PATH, then /usr/sbin)")
+	fs.StringVar(&o.minioBin, "minio", "", "MinIO binary (default: ./bin/minio, then PATH)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "Usage: go run ./bench [flags]\n\nMeasures berth beside the distribution registry in proxy mode and nginx; prints a table.\n\nFlags:")
 		fs.PrintDefaults()
@@ -195,6 +195,7 @@ type bench struct {
 	link     *throttle
 	image    testImage
 	big      *bigBlob
+	s3       *s3Env
 	table    *table
 	started  time.Time
 	failures []string
@@ -229,6 +230,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		b.stopAll()
 		if b.link != nil {
 			b.link.close()
+		}
+		if b.s3 != nil {
+			b.s3.counter.close()
 		}
 		if opt.keep || err != nil {
 			fmt.Fprintf(stderr, "work directory (logs): %s\n", b.work)
@@ -285,6 +289,11 @@ func (b *bench) tools(ctx context.Context) error {
 	if b.opt.nginxBin == "" && slices.Contains(b.opt.scenarios, "cpu") {
 		if b.opt.nginxBin, err = findTool(b.root, "nginx"); err != nil {
 			return fmt.Errorf("%w; install it with: apt-get install nginx-light", err)
+		}
+	}
+	if b.opt.minioBin == "" && slices.Contains(b.opt.scenarios, "fleet") {
+		if b.opt.minioBin, err = findTool(b.root, "minio"); err != nil {
+			return fmt.Errorf("%w; scripts/test installs it into ./bin", err)
 		}
 	}
 	if b.opt.berthBin == "" {

@@ -189,18 +189,31 @@ func (b *bench) launch(ctx context.Context, kind, readyPath string, cmdFor func(
 // startBerth runs berth with an empty cache, the upstream reached through
 // the throttled link.
 func (b *bench) startBerth(ctx context.Context, tagTTL time.Duration) (*server, error) {
+	return b.startBerthOn(ctx, tagTTL, nil)
+}
+
+// startBerthOn runs berth as one host of a fleet on the bucket (nil: none).
+func (b *bench) startBerthOn(ctx context.Context, tagTTL time.Duration, fleet *fleetBucket) (*server, error) {
 	return b.launch(ctx, "berth", "/v2/", func(dir, addr string) (*exec.Cmd, error) {
-		cmd := exec.Command(b.opt.berthBin, "serve",
+		args := []string{"serve",
 			"--listen", addr,
 			"--data", filepath.Join(dir, "data"),
-			"--upstream", upstreamName+"=http://"+b.link.addr,
+			"--upstream", upstreamName + "=http://" + b.link.addr,
 			"--default-upstream", upstreamName,
 			"--tag-ttl", tagTTL.String(),
 			"--cache-size", "64GiB",
 			"--log-level", "warn",
-		)
-		// The benchmark's own BERTH_* settings must not leak into the daemon.
-		cmd.Env = cleanEnv("BERTH_")
+		}
+		// The benchmark's own BERTH_* and AWS_* settings must not leak into
+		// the daemon.
+		env := cleanEnv("BERTH_", "AWS_")
+		if fleet != nil {
+			args = append(args, "--s3-bucket", fleet.bucket, "--s3-prefix", fleet.prefix,
+				"--s3-endpoint", fleet.endpoint, "--s3-path-style", "true", "--s3-region", fleet.region)
+			env = append(env, fleet.awsEnv()...)
+		}
+		cmd := exec.Command(b.opt.berthBin, args...)
+		cmd.Env = env
 		return cmd, nil
 	})
 }
@@ -211,8 +224,7 @@ log:
   accesslog:
     disabled: true
 storage:
-  filesystem:
-    rootdirectory: %s
+%s
   maintenance:
     uploadpurging:
       enabled: false
@@ -220,14 +232,20 @@ http:
   addr: %s
 %s`
 
-func (b *bench) startRegistry(ctx context.Context, kind, extra string) (*server, error) {
+// startRegistry runs a distribution registry. storage is its storage
+// section's body; empty means the filesystem in its own directory.
+func (b *bench) startRegistry(ctx context.Context, kind, storage, extra string) (*server, error) {
 	return b.launch(ctx, kind, "/v2/", func(dir, addr string) (*exec.Cmd, error) {
 		level := "warn"
 		if b.opt.verbose {
 			level = "info"
 		}
+		st := storage
+		if st == "" {
+			st = "  filesystem:\n    rootdirectory: " + filepath.Join(dir, "storage")
+		}
 		cfg := filepath.Join(dir, "config.yml")
-		conf := fmt.Sprintf(registryConfig, level, filepath.Join(dir, "storage"), addr, extra)
+		conf := fmt.Sprintf(registryConfig, level, st, addr, extra)
 		if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
 			return nil, err
 		}
@@ -240,13 +258,34 @@ func (b *bench) startRegistry(ctx context.Context, kind, extra string) (*server,
 
 // startUpstream runs the registry that plays Docker Hub.
 func (b *bench) startUpstream(ctx context.Context) (*server, error) {
-	return b.startRegistry(ctx, "upstream", "")
+	return b.startRegistry(ctx, "upstream", "", "")
 }
 
 // startDistribution runs the distribution registry in proxy mode, with an
 // empty cache, in front of the same throttled link as berth.
 func (b *bench) startDistribution(ctx context.Context) (*server, error) {
-	return b.startRegistry(ctx, "distribution", fmt.Sprintf("proxy:\n  remoteurl: http://%s\n", b.link.addr))
+	return b.startDistributionOn(ctx, nil)
+}
+
+// startDistributionOn runs the distribution proxy with its storage in the
+// fleet's bucket (nil: on its own filesystem). Redirects are off: like
+// berth, it serves the blobs itself, with S3 behind it.
+func (b *bench) startDistributionOn(ctx context.Context, fleet *fleetBucket) (*server, error) {
+	storage := ""
+	if fleet != nil {
+		storage = fmt.Sprintf(`  s3:
+    accesskey: %s
+    secretkey: %s
+    region: %s
+    regionendpoint: %s
+    forcepathstyle: true
+    secure: false
+    bucket: %s
+    rootdirectory: /%s
+  redirect:
+    disable: true`, fleet.accessKey, fleet.secretKey, fleet.region, fleet.endpoint, fleet.bucket, strings.TrimSuffix(fleet.prefix, "/"))
+	}
+	return b.startRegistry(ctx, "distribution", storage, fmt.Sprintf("proxy:\n  remoteurl: http://%s\n", b.link.addr))
 }
 
 const nginxConfig = `daemon off;
@@ -311,10 +350,18 @@ func nginxWorkers() int {
 	return n
 }
 
-func cleanEnv(prefix string) []string {
+// cleanEnv is this process's environment without the variables that start
+// with any of prefixes.
+func cleanEnv(prefixes ...string) []string {
 	var env []string
 	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, prefix) {
+		keep := true
+		for _, p := range prefixes {
+			if strings.HasPrefix(kv, p) {
+				keep = false
+			}
+		}
+		if keep {
 			env = append(env, kv)
 		}
 	}

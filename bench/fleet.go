@@ -1,0 +1,265 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/credentials"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
+)
+
+// fleetBucket is where one round's fleet keeps its shared cache: a bucket on
+// the benchmark's MinIO, reached through the counting proxy, and a prefix
+// of its own so every round starts from an empty fleet cache.
+type fleetBucket struct {
+	endpoint  string // the counting proxy
+	bucket    string
+	prefix    string
+	region    string
+	accessKey string
+	secretKey string
+}
+
+// awsEnv hands a host the credentials the way a host gets them, through the
+// standard AWS variables, with no config files or instance metadata to
+// consult.
+func (f *fleetBucket) awsEnv() []string {
+	return []string{
+		"AWS_ACCESS_KEY_ID=" + f.accessKey,
+		"AWS_SECRET_ACCESS_KEY=" + f.secretKey,
+		"AWS_REGION=" + f.region,
+		"AWS_CONFIG_FILE=/nonexistent",
+		"AWS_SHARED_CREDENTIALS_FILE=/nonexistent",
+		"AWS_EC2_METADATA_DISABLED=true",
+	}
+}
+
+// s3Env is the MinIO of the run and the counter in front of it.
+type s3Env struct {
+	minio   *server
+	counter *s3Counter
+	base    fleetBucket
+}
+
+const fleetRegion = "us-east-1"
+
+func (b *bench) ensureS3(ctx context.Context) error {
+	if b.s3 != nil {
+		return nil
+	}
+	secret := make([]byte, 12)
+	rand.Read(secret)
+	f := fleetBucket{bucket: "berth-bench", region: fleetRegion, accessKey: "berthbench", secretKey: hex.EncodeToString(secret)}
+	m, err := b.launch(ctx, "minio", "/minio/health/ready", func(dir, addr string) (*exec.Cmd, error) {
+		console, err := freeAddr()
+		if err != nil {
+			return nil, err
+		}
+		cmd := exec.Command(b.opt.minioBin, "server", filepath.Join(dir, "data"),
+			"--address", addr, "--console-address", console, "--quiet")
+		cmd.Env = append(cleanEnv("MINIO_"),
+			"MINIO_ROOT_USER="+f.accessKey, "MINIO_ROOT_PASSWORD="+f.secretKey, "MINIO_REGION="+f.region,
+			"MINIO_BROWSER=off", "MINIO_UPDATE=off", "MINIO_CI_CD=1")
+		return cmd, nil
+	})
+	if err != nil {
+		return err
+	}
+	client := s3.New(s3.Options{
+		Region:       f.region,
+		BaseEndpoint: aws.String(m.url()),
+		UsePathStyle: true,
+		Credentials:  credentials.NewStaticCredentialsProvider(f.accessKey, f.secretKey, ""),
+	})
+	if _, err := client.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: aws.String(f.bucket)}); err != nil {
+		return fmt.Errorf("creating the bucket: %w", err)
+	}
+	counter, err := startS3Counter(m.url())
+	if err != nil {
+		return err
+	}
+	f.endpoint = counter.url()
+	b.s3 = &s3Env{minio: m, counter: counter, base: f}
+	return nil
+}
+
+// fleetRun is one round of concurrent cold pulls through a fleet.
+type fleetRun struct {
+	wall     time.Duration
+	upstream int64
+	s3       s3Counts
+	fromS3   int64 // berth: blobs its hosts took from the bucket, by its own count
+	hotWall  time.Duration
+}
+
+// fleetRound starts hosts fresh mirrors of one kind on a fresh prefix and
+// has each of them serve pulls concurrent pulls, all at once. With hot, the
+// same pulls run again once everything is cached, for the floor this
+// machine's CPU sets.
+func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, hot bool) (fleetRun, error) {
+	f := b.s3.base
+	b.seq++
+	f.prefix = fmt.Sprintf("round-%02d-%s/", b.seq, kind)
+	var srvs []*server
+	defer func() {
+		for _, s := range srvs {
+			s.stop()
+		}
+	}()
+	for range hosts {
+		var s *server
+		var err error
+		if kind == "berth" {
+			s, err = b.startBerthOn(ctx, 5*time.Minute, &f)
+		} else {
+			s, err = b.startDistributionOn(ctx, &f)
+		}
+		if err != nil {
+			return fleetRun{}, err
+		}
+		srvs = append(srvs, s)
+	}
+	// Each host is a node of its own, with its own connections.
+	trs := make([]*http.Transport, hosts)
+	for i := range trs {
+		trs[i] = newTransport()
+		defer trs[i].CloseIdleConnections()
+	}
+	b.link.reset()
+	b.s3.counter.take()
+	ctx, cancel := context.WithTimeout(ctx, b.pullDeadline(hosts*pulls))
+	defer cancel()
+	round := func() (time.Duration, error) {
+		return concurrently(ctx, hosts*pulls, func(ctx context.Context, i int) error {
+			h := i % hosts
+			got, err := pullImage(ctx, trs[h], srvs[h].addr, b.image)
+			if err == nil && got != b.image.bytes {
+				err = fmt.Errorf("pulled %d bytes, the image has %d", got, b.image.bytes)
+			}
+			if err != nil {
+				return fmt.Errorf("host %d: %w (log: %s)", h+1, err, srvs[h].p.log)
+			}
+			return nil
+		})
+	}
+	wall, err := round()
+	if err != nil {
+		return fleetRun{}, err
+	}
+	// Uploads to the bucket may finish after the last client is served;
+	// they belong to the round.
+	time.Sleep(time.Second)
+	res := fleetRun{wall: wall, upstream: b.link.upstreamBytes(), s3: b.s3.counter.take()}
+	if kind == "berth" {
+		for _, s := range srvs {
+			n, err := metricValue(ctx, s.url()+"/metrics", "berth_fleet_upstream_fetches_avoided_total", `kind="blob"`)
+			if err != nil {
+				return fleetRun{}, err
+			}
+			res.fromS3 += int64(n)
+		}
+	}
+	if hot {
+		if res.hotWall, err = round(); err != nil {
+			return fleetRun{}, fmt.Errorf("hot round: %w", err)
+		}
+	}
+	return res, nil
+}
+
+// metricValue reads one series from a Prometheus text endpoint; a series
+// not exported yet is 0.
+func metricValue(ctx context.Context, url, name, label string) (float64, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if !strings.HasPrefix(line, name+"{") || !strings.Contains(line, label) {
+			continue
+		}
+		fields := strings.Fields(line)
+		return strconv.ParseFloat(fields[len(fields)-1], 64)
+	}
+	return 0, sc.Err()
+}
+
+// The fleet of issue 3: three hosts sharing one bucket, ten concurrent cold
+// pulls on each.
+const (
+	fleetHosts = 3
+	fleetPulls = 10
+)
+
+func (b *bench) scenarioFleet(ctx context.Context) error {
+	if err := b.ensureImage(ctx); err != nil {
+		return err
+	}
+	if err := b.ensureS3(ctx); err != nil {
+		return err
+	}
+	o := b.opt
+	shape := fmt.Sprintf("%d hosts × %d cold pulls", fleetHosts, fleetPulls)
+	up := b.table.add("fleet, "+shape+": upstream bytes ÷ image bytes", "%.3f").withGoal(1.05)
+	wall := b.table.add("fleet, "+shape+": wall time (s)", "%.2f").informational()
+	one := b.table.add("fleet: one cold pull on one host on the bucket (s)", "%.2f").informational()
+	ratio := b.table.add("fleet wall time ÷ one cold pull on one host", "%.2f").withGoal(2)
+	hot := b.table.add("fleet, "+shape+": the same pulls hot (s)", "%.2f").informational()
+	reads := b.table.add("fleet: S3 read requests per blob read from S3", "%.2f").withGoal(3)
+	writes := b.table.add("fleet: S3 write requests per round", "%.0f").informational()
+	for rep := range o.reps {
+		for _, m := range b.mirrors(0) {
+			kind := m.name
+			single, err := b.fleetRound(ctx, kind, 1, 1, false)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				b.fail(m.cell(one), fmt.Sprintf("%s, one host, repetition %d", kind, rep+1), err)
+				continue
+			}
+			m.cell(one).add(single.wall.Seconds())
+			res, err := b.fleetRound(ctx, kind, fleetHosts, fleetPulls, true)
+			if err != nil {
+				if ctx.Err() != nil {
+					return ctx.Err()
+				}
+				b.fail(m.cell(up), fmt.Sprintf("%s, fleet, repetition %d", kind, rep+1), err)
+				continue
+			}
+			rb := float64(res.upstream) / float64(b.image.bytes)
+			b.logf("%s fleet, repetition %d: %.2f s, hot %.2f s (one pull on one host %.2f s), upstream sent %.3f × the image; "+
+				"S3: %d reads, %d writes, %d blob reads (berth counts %d blobs from S3) [%s]",
+				kind, rep+1, res.wall.Seconds(), res.hotWall.Seconds(), single.wall.Seconds(), rb,
+				res.s3.reads(), res.s3.writes(), res.s3.blobReads, res.fromS3, res.s3)
+			m.cell(up).add(rb)
+			m.cell(wall).add(res.wall.Seconds())
+			m.cell(ratio).add(res.wall.Seconds() / single.wall.Seconds())
+			m.cell(hot).add(res.hotWall.Seconds())
+			m.cell(writes).add(float64(res.s3.writes()))
+			if res.s3.blobReads > 0 {
+				m.cell(reads).add(float64(res.s3.reads()) / float64(res.s3.blobReads))
+			} else {
+				m.cell(reads).note = "no blob read from S3"
+			}
+		}
+	}
+	return nil
+}

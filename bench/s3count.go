@@ -1,0 +1,178 @@
+package main
+
+import (
+	"fmt"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"sort"
+	"strings"
+	"sync"
+)
+
+// s3Counter sits between the mirrors and MinIO and counts the S3 requests
+// they make, so both mirrors are measured by the same outside observer
+// rather than by their own metrics. Requests are path-style
+// (/bucket/key?query) and keep their Host header, which their signatures
+// cover.
+type s3Counter struct {
+	addr string
+	srv  *http.Server
+
+	mu        sync.Mutex
+	ops       map[string]int64
+	blobReads int64 // successful GETs of blob content
+}
+
+func startS3Counter(target string) (*s3Counter, error) {
+	u, err := url.Parse(target)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	c := &s3Counter{addr: ln.Addr().String(), ops: map[string]int64{}}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			r.SetURL(u)
+			r.Out.Host = r.In.Host
+		},
+		FlushInterval: -1,
+		ModifyResponse: func(resp *http.Response) error {
+			c.record(resp.Request, resp.StatusCode)
+			return nil
+		},
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			c.record(r, 0)
+			w.WriteHeader(http.StatusBadGateway)
+		},
+	}
+	c.srv = &http.Server{Handler: rp}
+	go c.srv.Serve(ln)
+	return c, nil
+}
+
+func (c *s3Counter) url() string { return "http://" + c.addr }
+
+func (c *s3Counter) close() { c.srv.Close() }
+
+// s3Op names a request after the S3 API call it is.
+func s3Op(r *http.Request) string {
+	q := r.URL.Query()
+	key := strings.SplitN(strings.TrimPrefix(r.URL.Path, "/"), "/", 2)
+	hasKey := len(key) == 2 && key[1] != ""
+	switch r.Method {
+	case http.MethodGet:
+		switch {
+		case q.Has("uploadId"):
+			return "ListParts"
+		case q.Has("uploads"):
+			return "ListMultipartUploads"
+		case !hasKey:
+			return "ListObjects"
+		default:
+			return "GetObject"
+		}
+	case http.MethodHead:
+		if !hasKey {
+			return "HeadBucket"
+		}
+		return "HeadObject"
+	case http.MethodPut:
+		switch {
+		case q.Has("partNumber") && r.Header.Get("X-Amz-Copy-Source") != "":
+			return "UploadPartCopy"
+		case q.Has("partNumber"):
+			return "UploadPart"
+		case r.Header.Get("X-Amz-Copy-Source") != "":
+			return "CopyObject"
+		default:
+			return "PutObject"
+		}
+	case http.MethodPost:
+		switch {
+		case q.Has("uploads"):
+			return "CreateMultipartUpload"
+		case q.Has("uploadId"):
+			return "CompleteMultipartUpload"
+		case q.Has("delete"):
+			return "DeleteObjects"
+		}
+	case http.MethodDelete:
+		if q.Has("uploadId") {
+			return "AbortMultipartUpload"
+		}
+		return "DeleteObject"
+	}
+	return r.Method + " other"
+}
+
+// isRead is a request that does not change the bucket.
+func isRead(op string) bool {
+	return strings.HasPrefix(op, "Get") || strings.HasPrefix(op, "Head") || strings.HasPrefix(op, "List")
+}
+
+// isBlobContent tells blob objects from leases, manifests, tag records and
+// the distribution registry's link files. berth keeps a blob at
+// <prefix>blobs/<upstream>/<alg>/<hex> (docs/s3.md), the distribution
+// registry at <root>/docker/registry/v2/blobs/<alg>/<xx>/<hex>/data.
+func isBlobContent(path string) bool {
+	if strings.Contains(path, "/docker/registry/v2/") {
+		return strings.Contains(path, "/docker/registry/v2/blobs/") && strings.HasSuffix(path, "/data")
+	}
+	return strings.Contains(path, "/blobs/") && !strings.Contains(path, "/leases/")
+}
+
+func (c *s3Counter) record(r *http.Request, status int) {
+	op := s3Op(r)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.ops[op]++
+	if op == "GetObject" && (status == http.StatusOK || status == http.StatusPartialContent) && isBlobContent(r.URL.Path) {
+		c.blobReads++
+	}
+}
+
+// s3Counts is what the mirrors asked of S3 since the last reset.
+type s3Counts struct {
+	ops       map[string]int64
+	blobReads int64
+}
+
+func (c *s3Counter) take() s3Counts {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := s3Counts{ops: c.ops, blobReads: c.blobReads}
+	c.ops, c.blobReads = map[string]int64{}, 0
+	return out
+}
+
+func (s s3Counts) reads() (n int64) {
+	for op, k := range s.ops {
+		if isRead(op) {
+			n += k
+		}
+	}
+	return n
+}
+
+func (s s3Counts) writes() (n int64) {
+	for op, k := range s.ops {
+		if !isRead(op) {
+			n += k
+		}
+	}
+	return n
+}
+
+func (s s3Counts) String() string {
+	ops := make([]string, 0, len(s.ops))
+	for op, n := range s.ops {
+		ops = append(ops, fmt.Sprintf("%s %d", op, n))
+	}
+	sort.Strings(ops)
+	return strings.Join(ops, ", ")
+}
