@@ -249,6 +249,9 @@ func (b *bench) scenarioFleet(ctx context.Context) error {
 				"S3: %d reads, %d writes, %d blob reads (berth counts %d blobs from S3) [%s]",
 				kind, rep+1, res.wall.Seconds(), res.hotWall.Seconds(), single.wall.Seconds(), rb,
 				res.s3.reads(), res.s3.writes(), res.s3.blobReads, res.fromS3, res.s3)
+			if o.verbose {
+				b.logf("%s fleet S3 requests by operation, object and status: %s", kind, res.s3.details())
+			}
 			m.cell(up).add(rb)
 			m.cell(wall).add(res.wall.Seconds())
 			m.cell(ratio).add(res.wall.Seconds() / single.wall.Seconds())

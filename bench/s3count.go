@@ -22,7 +22,8 @@ type s3Counter struct {
 
 	mu        sync.Mutex
 	ops       map[string]int64
-	blobReads int64 // successful GETs of blob content
+	detail    map[string]int64 // by operation, kind of object and status
+	blobReads int64            // successful GETs of blob content
 }
 
 func startS3Counter(target string) (*s3Counter, error) {
@@ -34,7 +35,7 @@ func startS3Counter(target string) (*s3Counter, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &s3Counter{addr: ln.Addr().String(), ops: map[string]int64{}}
+	c := &s3Counter{addr: ln.Addr().String(), ops: map[string]int64{}, detail: map[string]int64{}}
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
 			r.SetURL(u)
@@ -131,23 +132,60 @@ func (c *s3Counter) record(r *http.Request, status int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.ops[op]++
+	c.detail[fmt.Sprintf("%s %s %d", op, objectKind(r.URL.Path), status)]++
 	if op == "GetObject" && (status == http.StatusOK || status == http.StatusPartialContent) && isBlobContent(r.URL.Path) {
 		c.blobReads++
 	}
 }
 
+// objectKind names what a key holds: berth's top-level kinds (blobs,
+// manifests, tags, leases; docs/s3.md) or the distribution registry's.
+func objectKind(path string) string {
+	if i := strings.Index(path, "/docker/registry/v2/"); i >= 0 {
+		rest := strings.Split(path[i+len("/docker/registry/v2/"):], "/")
+		switch {
+		case len(rest) > 0 && rest[0] == "blobs":
+			return "dist-blobs"
+		case len(rest) > 0 && rest[0] == "repositories":
+			for _, p := range rest {
+				if strings.HasPrefix(p, "_") {
+					return "dist-repo" + p
+				}
+			}
+		}
+		return "dist-other"
+	}
+	parts := strings.Split(strings.TrimPrefix(path, "/"), "/")
+	// bucket, prefix, kind, ...
+	if len(parts) >= 3 {
+		return parts[2]
+	}
+	return "bucket"
+}
+
 // s3Counts is what the mirrors asked of S3 since the last reset.
 type s3Counts struct {
 	ops       map[string]int64
+	detail    map[string]int64
 	blobReads int64
 }
 
 func (c *s3Counter) take() s3Counts {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := s3Counts{ops: c.ops, blobReads: c.blobReads}
-	c.ops, c.blobReads = map[string]int64{}, 0
+	out := s3Counts{ops: c.ops, detail: c.detail, blobReads: c.blobReads}
+	c.ops, c.detail, c.blobReads = map[string]int64{}, map[string]int64{}, 0
 	return out
+}
+
+// details lists the requests by operation, object kind and status.
+func (s s3Counts) details() string {
+	out := make([]string, 0, len(s.detail))
+	for k, n := range s.detail {
+		out = append(out, fmt.Sprintf("%s: %d", k, n))
+	}
+	sort.Strings(out)
+	return strings.Join(out, "; ")
 }
 
 func (s s3Counts) reads() (n int64) {
