@@ -80,6 +80,7 @@ type S3 struct {
 	Endpoint  string   `yaml:"endpoint"`
 	PathStyle bool     `yaml:"path_style"`
 	LeaseTTL  Duration `yaml:"lease_ttl"`
+	Advertise string   `yaml:"advertise"` // URL other hosts reach this berth at
 }
 
 // String never shows credentials, so a Config can be logged.
@@ -296,6 +297,11 @@ func (c *Config) Validate() error {
 		if c.S3.Endpoint != "" {
 			if pu, err := url.Parse(c.S3.Endpoint); err != nil || pu.Scheme == "" || pu.Host == "" {
 				add("s3.endpoint", "%q is not a URL", c.S3.Endpoint)
+			}
+		}
+		if c.S3.Advertise != "" {
+			if pu, err := url.Parse(c.S3.Advertise); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+				add("s3.advertise", "%q is not an http:// or https:// URL", c.S3.Advertise)
 			}
 		}
 		if c.S3.LeaseTTL <= 0 {

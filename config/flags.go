@@ -75,6 +75,8 @@ var settings = []setting{
 			c.S3.PathStyle = b
 			return nil
 		}},
+	{flag: "s3-advertise", key: "s3.advertise", env: "BERTH_S3_ADVERTISE", usage: "`URL` other hosts reach this berth at, so they stream a blob from it while it downloads (default none: they wait for the bucket)",
+		set: stringSetting(func(c *Config) *string { return &c.S3.Advertise })},
 	{flag: "s3-lease-ttl", key: "s3.lease_ttl", env: "BERTH_S3_LEASE_TTL", usage: "`DURATION` one host may hold the right to fetch a blob (default 2m)",
 		set: durationSetting(func(c *Config) *Duration { return &c.S3.LeaseTTL })},
 }

@@ -31,6 +31,10 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, up *upstream,
 			s.headUpstreamBlob(w, r, up, repo, dgst)
 			return
 		}
+		if r.Header.Get(peerHeader) != "" {
+			s.servePeer(w, r, key)
+			return
+		}
 		rd, err := s.joinFlight(r.Context(), key, up, repo)
 		if errors.Is(err, errCachedMeanwhile) {
 			continue
@@ -43,6 +47,26 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, up *upstream,
 		return
 	}
 	s.blobError(w, errors.New("blob kept vanishing from the cache"))
+}
+
+// servePeer answers another berth from a download in progress (the local
+// disk was tried already), and never starts one.
+func (s *Server) servePeer(w http.ResponseWriter, r *http.Request, key storage.Key) {
+	s.mu.Lock()
+	fl, ok := s.flights[key]
+	var rd *flightReader
+	if ok {
+		rd = fl.newReader(r.Context())
+	}
+	s.mu.Unlock()
+	if !ok {
+		if s.serveLocalBlob(w, r, key) { // committed since the miss
+			return
+		}
+		serveError(w, v2.ErrorCodeBlobUnknown.WithMessage("not on this berth and not downloading"))
+		return
+	}
+	s.serveFlight(w, r, rd, nil, "")
 }
 
 // serveLocalBlob answers from disk with sendfile. It reports false on a miss.
@@ -167,7 +191,7 @@ func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightR
 	fl.mu.Lock()
 	err, size := fl.err, fl.size
 	fl.mu.Unlock()
-	if errors.Is(err, storage.ErrNoSpace) {
+	if errors.Is(err, storage.ErrNoSpace) && up != nil {
 		s.passthrough(w, r, up, repo, fl.key.Digest)
 		return
 	}

@@ -3,7 +3,10 @@ package mirror
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
+	"net/url"
+	"strings"
 	"sync/atomic"
 	"time"
 
@@ -31,6 +34,7 @@ type sharedTier struct {
 	store     storage.Shared
 	leaseTTL  time.Duration
 	downUntil atomic.Int64 // unix nanoseconds; skip the bucket until then
+	self      string       // URL other hosts reach this berth at, if any
 
 	requests *prometheus.CounterVec // op
 	errors   *prometheus.CounterVec // op
@@ -92,6 +96,47 @@ func (s *Server) S3RequestHook() func(op string, err error) {
 func (s *Server) SetShared(store storage.Shared, leaseTTL time.Duration) {
 	s.sharedT.store = store
 	s.sharedT.leaseTTL = leaseTTL
+}
+
+// Advertise sets the URL other hosts reach this berth at. It goes into the
+// leases this host takes, so a host waiting on one streams the blob from
+// here while it downloads instead of waiting for the upload to the bucket.
+func (s *Server) Advertise(url string) {
+	s.sharedT.self = strings.TrimSuffix(url, "/")
+}
+
+// peerHeader marks a request from another berth: it is answered from this
+// host's disk or a download already running, never by starting one, so
+// two hosts can never wait on each other.
+const peerHeader = "Berth-Peer"
+
+var peerClient = &http.Client{Transport: &http.Transport{
+	DialContext:           (&net.Dialer{Timeout: 2 * time.Second}).DialContext,
+	ResponseHeaderTimeout: 10 * time.Second,
+	MaxIdleConnsPerHost:   16,
+}}
+
+// openPeerBlob streams a blob from the lease holder's berth.
+func (s *Server) openPeerBlob(ctx context.Context, holder string, key storage.Key, repo string) (source, bool) {
+	if !strings.HasPrefix(holder, "http://") && !strings.HasPrefix(holder, "https://") || holder == s.sharedT.self {
+		return source{}, false
+	}
+	u := holder + "/v2/" + repo + "/blobs/" + key.Digest.String() + "?ns=" + url.QueryEscape(key.Upstream)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return source{}, false
+	}
+	req.Header.Set(peerHeader, "1")
+	resp, err := peerClient.Do(req)
+	if err != nil {
+		return source{}, false
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		return source{}, false
+	}
+	s.sharedT.avoided.WithLabelValues("blob").Inc()
+	return source{body: resp.Body, size: resp.ContentLength, label: "peer"}, true
 }
 
 // shared returns the fleet tier, or nil when there is none or it is backing off.
@@ -191,6 +236,11 @@ func (s *Server) openBlobSource(ctx context.Context, key storage.Key, up *upstre
 				giveUp = time.Now().Add(2 * t.leaseTTL)
 			}
 			holderExpires = held.Expires
+		}
+		if held != nil {
+			if src, ok := s.openPeerBlob(ctx, held.Holder, key, repo); ok {
+				return src, nil
+			}
 		}
 		if time.Now().After(giveUp) {
 			s.log.WithField("blob", key.String()).Warn("waited too long for another host's fetch; fetching from the upstream")

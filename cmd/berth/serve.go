@@ -135,12 +135,13 @@ func serve(l *loader, cfg *config.Config) error {
 		s3, err := storage.NewS3(context.Background(), storage.S3Options{
 			Bucket: cfg.S3.Bucket, Prefix: cfg.S3.Prefix, Region: cfg.S3.Region,
 			Endpoint: cfg.S3.Endpoint, PathStyle: cfg.S3.PathStyle,
-			OnRequest: srv.S3RequestHook(),
+			OnRequest: srv.S3RequestHook(), Holder: cfg.S3.Advertise,
 		})
 		if err != nil {
 			return err
 		}
 		srv.SetShared(s3, cfg.S3.LeaseTTL.D())
+		srv.Advertise(cfg.S3.Advertise)
 		shared = s3
 	}
 
