@@ -33,7 +33,8 @@ func UpstreamArgs(registryHost, upstreamURL string) []string {
 }
 
 // StartBerth runs `berth serve --listen 127.0.0.1:FREE --data TMP args...`
-// (with --data left out if args has one) and waits until /readyz answers 200.
+// (with --data left out if args has one; "{listen}" in args is replaced by
+// the chosen address) and waits until /readyz answers 200.
 // Berth gets SIGTERM at cleanup and must exit by itself; a data race it
 // reports in its log fails the test.
 func StartBerth(t testing.TB, args ...string) *Berth {
@@ -51,7 +52,11 @@ func StartBerth(t testing.TB, args ...string) *Berth {
 		if !hasData {
 			full = append(full, "--data", data)
 		}
-		full = append(full, args...)
+		for _, a := range args {
+			// "{listen}" stands for the address chosen here, for flags
+			// such as --s3-advertise that name berth's own address.
+			full = append(full, strings.ReplaceAll(a, "{listen}", addr))
+		}
 		cmd := exec.Command(bin, full...)
 		cmd.Env = berthEnv()
 		p := StartProcess(t, "berth", filepath.Join(dir, "berth.log"), cmd)

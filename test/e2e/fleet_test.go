@@ -19,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -922,5 +923,62 @@ func TestFleetTagRevalidation(t *testing.T) {
 	}
 	if len(reqs) < 3 {
 		t.Errorf("only %d upstream requests for the tag in %v with a %v TTL: the tag was not revalidated", len(reqs), run, ttl)
+	}
+}
+
+// With --s3-advertise, hosts waiting on another's blob lease stream the blob
+// from the holder while it downloads: every host gets it in about one
+// download's time, the upstream still sends it once, and nothing waits for
+// the upload to the bucket.
+func TestFleetPeerStreaming(t *testing.T) {
+	f := startFleet(t)
+	img := PushImage(t, Docker, f.reg.Host, "library/peer", "1", 4<<20, 1)
+	hosts := f.hosts(t, 3, "--tag-ttl", "5m", "--s3-advertise", "http://{listen}")
+	f.up.rate.Store(2 << 20) // the 4 MiB layer takes about 2s to come down
+
+	ctx, cancel := context.WithTimeout(context.Background(), 45*time.Second)
+	defer cancel()
+	start := time.Now()
+	var wg sync.WaitGroup
+	errs := make(chan error, len(hosts))
+	took := make([]time.Duration, len(hosts))
+	for i, h := range hosts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs <- pullImage(ctx, h.Host, "library/peer", "1", img)
+			took[i] = time.Since(start)
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Logf("3 hosts pulled in %v", took)
+	f.up.checkBlobGETs(t, "pulls with peer streaming", img.Blobs(), 1)
+
+	var fromPeer, fromS3 float64
+	for _, h := range hosts {
+		hostBlobs(t, h, img.Blobs())
+		fromPeer += metric(t, h, "berth_bytes_served_total", "source", "peer")
+		fromS3 += metric(t, h, "berth_bytes_served_total", "source", "s3")
+	}
+	layer := float64(img.Layers[0].Size)
+	// The two hosts without the lease got the layer from the holder, not
+	// from the bucket after the upload.
+	if fromPeer < 2*layer {
+		t.Errorf("bytes served from a peer %.0f, want at least two copies of the %.0f-byte layer (from s3: %.0f)", fromPeer, layer, fromS3)
+	}
+	// Streaming, not store-and-forward: the slowest host finished well
+	// before a second full download could have (2s each).
+	slowest := slices.Max(took)
+	if slowest > 3500*time.Millisecond {
+		t.Errorf("slowest host took %v: waiting hosts did not stream from the holder", slowest)
+	}
+	if n := f.bucket.VerifyBlobs(t); n != len(img.Blobs()) {
+		t.Errorf("the bucket holds %d blobs, want %d (the holder still uploads)", n, len(img.Blobs()))
 	}
 }
