@@ -93,19 +93,28 @@ func (b *bench) ensureS3(ctx context.Context) error {
 	return nil
 }
 
-// fleetRun is one round of concurrent cold pulls through a fleet.
+// fleetRun is one round of concurrent cold pulls through a fleet, and the
+// pull of a host that joins the fleet afterwards.
 type fleetRun struct {
 	wall     time.Duration
 	upstream int64
 	s3       s3Counts
-	fromS3   int64 // berth: blobs its hosts took from the bucket, by its own count
+	avoided  int64 // berth: blobs its hosts took from the bucket or a peer, by its own count
+	fromPeer int64 // berth: bytes its hosts served that streamed from a peer
+	fromS3   int64 // berth: bytes its hosts served that came from the bucket
 	hotWall  time.Duration
+
+	// The warm bucket: a fresh host on the same prefix, the others gone,
+	// pulls the image once.
+	warmWall time.Duration
+	warmS3   s3Counts
 }
 
 // fleetRound starts hosts fresh mirrors of one kind on a fresh prefix and
 // has each of them serve pulls concurrent pulls, all at once. With hot, the
 // same pulls run again once everything is cached, for the floor this
-// machine's CPU sets.
+// machine's CPU sets, and then a fresh host pulls the image from the bucket
+// the round filled.
 func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, hot bool) (fleetRun, error) {
 	f := b.s3.base
 	b.seq++
@@ -116,14 +125,14 @@ func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, h
 			s.stop()
 		}
 	}()
-	for range hosts {
-		var s *server
-		var err error
+	start := func() (*server, error) {
 		if kind == "berth" {
-			s, err = b.startBerthOn(ctx, 5*time.Minute, &f)
-		} else {
-			s, err = b.startDistributionOn(ctx, &f)
+			return b.startBerthOn(ctx, 5*time.Minute, &f)
 		}
+		return b.startDistributionOn(ctx, &f)
+	}
+	for range hosts {
+		s, err := start()
 		if err != nil {
 			return fleetRun{}, err
 		}
@@ -137,7 +146,7 @@ func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, h
 	}
 	b.link.reset()
 	b.s3.counter.take()
-	ctx, cancel := context.WithTimeout(ctx, b.pullDeadline(hosts*pulls))
+	ctx, cancel := context.WithTimeout(ctx, b.pullDeadline(hosts*pulls+1))
 	defer cancel()
 	round := func() (time.Duration, error) {
 		return concurrently(ctx, hosts*pulls, func(ctx context.Context, i int) error {
@@ -162,18 +171,52 @@ func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, h
 	res := fleetRun{wall: wall, upstream: b.link.upstreamBytes(), s3: b.s3.counter.take()}
 	if kind == "berth" {
 		for _, s := range srvs {
-			n, err := metricValue(ctx, s.url()+"/metrics", "berth_fleet_upstream_fetches_avoided_total", `kind="blob"`)
-			if err != nil {
-				return fleetRun{}, err
+			for _, m := range []struct {
+				name, label string
+				sum         *int64
+			}{
+				{"berth_fleet_upstream_fetches_avoided_total", `kind="blob"`, &res.avoided},
+				{"berth_bytes_served_total", `source="peer"`, &res.fromPeer},
+				{"berth_bytes_served_total", `source="s3"`, &res.fromS3},
+			} {
+				n, err := metricValue(ctx, s.url()+"/metrics", m.name, m.label)
+				if err != nil {
+					return fleetRun{}, err
+				}
+				*m.sum += int64(n)
 			}
-			res.fromS3 += int64(n)
 		}
 	}
-	if hot {
-		if res.hotWall, err = round(); err != nil {
-			return fleetRun{}, fmt.Errorf("hot round: %w", err)
-		}
+	if !hot {
+		return res, nil
 	}
+	if res.hotWall, err = round(); err != nil {
+		return fleetRun{}, fmt.Errorf("hot round: %w", err)
+	}
+	// The fleet's hosts go before the new one comes, so that every request
+	// the counter sees from here on is the new host's.
+	for _, s := range srvs {
+		s.stop()
+	}
+	srvs = nil
+	s, err := start()
+	if err != nil {
+		return fleetRun{}, fmt.Errorf("warm bucket host: %w", err)
+	}
+	srvs = append(srvs, s)
+	tr := newTransport()
+	defer tr.CloseIdleConnections()
+	b.s3.counter.take()
+	t0 := time.Now()
+	got, err := pullImage(ctx, tr, s.addr, b.image)
+	if err == nil && got != b.image.bytes {
+		err = fmt.Errorf("pulled %d bytes, the image has %d", got, b.image.bytes)
+	}
+	if err != nil {
+		return fleetRun{}, fmt.Errorf("warm bucket host: %w (log: %s)", err, s.p.log)
+	}
+	res.warmWall = time.Since(t0)
+	res.warmS3 = b.s3.counter.take()
 	return res, nil
 }
 
@@ -222,8 +265,10 @@ func (b *bench) scenarioFleet(ctx context.Context) error {
 	one := b.table.add("fleet: one cold pull on one host on the bucket (s)", "%.2f").informational()
 	ratio := b.table.add("fleet wall time ÷ one cold pull on one host", "%.2f").withGoal(2)
 	hot := b.table.add("fleet, "+shape+": the same pulls hot (s)", "%.2f").informational()
-	reads := b.table.add("fleet: S3 read requests per blob read from S3", "%.2f").withGoal(3)
-	writes := b.table.add("fleet: S3 write requests per round", "%.0f").informational()
+	coldReqs := b.table.add("fleet, cold round: S3 requests per blob of the image", "%.1f").informational()
+	writes := b.table.add("fleet, cold round: S3 write requests", "%.0f").informational()
+	warmWall := b.table.add("fleet, warm bucket: one pull on a new host (s)", "%.2f").informational()
+	warmReqs := b.table.add("fleet, warm bucket: S3 requests per blob read from S3", "%.2f").withGoal(3)
 	for rep := range o.reps {
 		for _, m := range b.mirrors(0) {
 			kind := m.name
@@ -246,21 +291,30 @@ func (b *bench) scenarioFleet(ctx context.Context) error {
 			}
 			rb := float64(res.upstream) / float64(b.image.bytes)
 			b.logf("%s fleet, repetition %d: %.2f s, hot %.2f s (one pull on one host %.2f s), upstream sent %.3f × the image; "+
-				"S3: %d reads, %d writes, %d blob reads (berth counts %d blobs from S3) [%s]",
+				"S3: %d reads, %d writes, %d blob reads [%s]",
 				kind, rep+1, res.wall.Seconds(), res.hotWall.Seconds(), single.wall.Seconds(), rb,
-				res.s3.reads(), res.s3.writes(), res.s3.blobReads, res.fromS3, res.s3)
+				res.s3.reads(), res.s3.writes(), res.s3.blobReads, res.s3)
+			if kind == "berth" {
+				b.logf("berth fleet, repetition %d: %d blob fetches avoided; clients got %.2f × the image streamed from a peer, %.2f × from S3",
+					rep+1, res.avoided, float64(res.fromPeer)/float64(b.image.bytes), float64(res.fromS3)/float64(b.image.bytes))
+			}
+			b.logf("%s warm bucket, repetition %d: one pull on a new host %.2f s; S3: %d reads, %d writes, %d blob reads [%s]",
+				kind, rep+1, res.warmWall.Seconds(), res.warmS3.reads(), res.warmS3.writes(), res.warmS3.blobReads, res.warmS3)
 			if o.verbose {
 				b.logf("%s fleet S3 requests by operation, object and status: %s", kind, res.s3.details())
+				b.logf("%s warm bucket S3 requests by operation, object and status: %s", kind, res.warmS3.details())
 			}
 			m.cell(up).add(rb)
 			m.cell(wall).add(res.wall.Seconds())
 			m.cell(ratio).add(res.wall.Seconds() / single.wall.Seconds())
 			m.cell(hot).add(res.hotWall.Seconds())
+			m.cell(coldReqs).add(float64(res.s3.reads()+res.s3.writes()) / float64(b.image.blobs))
 			m.cell(writes).add(float64(res.s3.writes()))
-			if res.s3.blobReads > 0 {
-				m.cell(reads).add(float64(res.s3.reads()) / float64(res.s3.blobReads))
+			m.cell(warmWall).add(res.warmWall.Seconds())
+			if res.warmS3.blobReads > 0 {
+				m.cell(warmReqs).add(float64(res.warmS3.reads()+res.warmS3.writes()) / float64(res.warmS3.blobReads))
 			} else {
-				m.cell(reads).note = "no blob read from S3"
+				m.cell(warmReqs).note = "no blob read from S3"
 			}
 		}
 	}
