@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // need skips the test when a tool is missing, except in CI, where nothing
@@ -192,13 +194,13 @@ func serveBytes(t *testing.T, n int) string {
 
 func TestThrottleRateAndCount(t *testing.T) {
 	const size, rate = 4 << 20, 40 << 20 // 100 ms of link time
-	link, err := startThrottle(serveBytes(t, size), rate)
+	link, err := testsupport.NewProxy(serveBytes(t, size), rate)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer link.close()
+	defer link.Close()
 	start := time.Now()
-	c, err := net.Dial("tcp", link.addr)
+	c, err := net.Dial("tcp", link.Addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,19 +213,19 @@ func TestThrottleRateAndCount(t *testing.T) {
 	if took < 80*time.Millisecond {
 		t.Errorf("%d bytes at %d B/s took %v; the limit was not applied", size, rate, took)
 	}
-	if got := link.upstreamBytes(); got != size {
+	if got := link.UpstreamBytes(); got != size {
 		t.Errorf("counted %d upstream bytes, want %d", got, size)
 	}
 }
 
 func TestThrottleHang(t *testing.T) {
-	link, err := startThrottle(serveBytes(t, 10), 0)
+	link, err := testsupport.NewProxy(serveBytes(t, 10), 0)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer link.close()
-	link.hang()
-	c, err := net.Dial("tcp", link.addr)
+	defer link.Close()
+	link.Hang()
+	c, err := net.Dial("tcp", link.Addr)
 	if err != nil {
 		t.Fatalf("a hung link must still accept: %v", err)
 	}
@@ -233,9 +235,9 @@ func TestThrottleHang(t *testing.T) {
 	if n, err := c.Read(buf); n != 0 || err == nil {
 		t.Fatalf("hung link answered: %d bytes, %v", n, err)
 	}
-	link.unhang()
+	link.Resume()
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, err := io.ReadFull(c, buf); n != 10 {
-		t.Fatalf("after unhang read %d bytes: %v", n, err)
+		t.Fatalf("after Resume read %d bytes: %v", n, err)
 	}
 }

@@ -144,7 +144,7 @@ func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, h
 		trs[i] = newTransport()
 		defer trs[i].CloseIdleConnections()
 	}
-	b.link.reset()
+	b.link.Reset()
 	b.s3.counter.take()
 	ctx, cancel := context.WithTimeout(ctx, b.pullDeadline(hosts*pulls+1))
 	defer cancel()
@@ -168,7 +168,7 @@ func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, h
 	// Uploads to the bucket may finish after the last client is served;
 	// they belong to the round.
 	time.Sleep(time.Second)
-	res := fleetRun{wall: wall, upstream: b.link.upstreamBytes(), s3: b.s3.counter.take()}
+	res := fleetRun{wall: wall, upstream: b.link.UpstreamBytes(), s3: b.s3.counter.take()}
 	if kind == "berth" {
 		for _, s := range srvs {
 			for _, m := range []struct {

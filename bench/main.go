@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/berth-dev/berth/config"
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 type options struct {
@@ -192,7 +193,7 @@ type bench struct {
 	seq      int
 	procs    []*proc
 	up       *server
-	link     *throttle
+	link     *testsupport.Proxy // the uplink between the mirrors and the upstream: rate-limited, counting, hangable
 	image    testImage
 	big      *bigBlob
 	s3       *s3Env
@@ -229,7 +230,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	defer func() {
 		b.stopAll()
 		if b.link != nil {
-			b.link.close()
+			b.link.Close()
 		}
 		if b.s3 != nil {
 			b.s3.counter.close()
@@ -246,10 +247,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	if b.up, err = b.startUpstream(ctx); err != nil {
 		return err
 	}
-	if b.link, err = startThrottle(b.up.addr, opt.rate); err != nil {
+	if b.link, err = testsupport.NewProxy(b.up.addr, opt.rate); err != nil {
 		return err
 	}
-	b.logf("upstream %s behind link %s at %s", b.up.addr, b.link.addr, rateString(opt.rate))
+	b.logf("upstream %s behind link %s at %s", b.up.addr, b.link.Addr, rateString(opt.rate))
 	var scenErr error
 	for _, s := range allScenarios {
 		if !slices.Contains(opt.scenarios, s.name) {

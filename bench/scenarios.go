@@ -81,7 +81,7 @@ func (b *bench) coldPulls(ctx context.Context, m mirror, n int, hot bool) (pullR
 	defer srv.stop()
 	tr := newTransport()
 	defer tr.CloseIdleConnections()
-	b.link.reset()
+	b.link.Reset()
 	ctx, cancel := context.WithTimeout(ctx, b.pullDeadline(n))
 	defer cancel()
 	s0, _ := cpuSeconds(srv.p.pid())
@@ -109,7 +109,7 @@ func (b *bench) coldPulls(ctx context.Context, m mirror, n int, hot bool) (pullR
 	// Anything the mirror still fetches after the clients are served (a
 	// download nobody waits for any more) counts too.
 	time.Sleep(300 * time.Millisecond)
-	res := pullRun{wall: wall, upstream: b.link.upstreamBytes(), serverCPU: s1 - s0, clientCPU: c1 - c0}
+	res := pullRun{wall: wall, upstream: b.link.UpstreamBytes(), serverCPU: s1 - s0, clientCPU: c1 - c0}
 	if hot {
 		if res.hotWall, err = pulls(); err != nil {
 			return pullRun{}, fmt.Errorf("hot pulls: %v (log: %s)", err, srv.p.log)
@@ -224,12 +224,12 @@ func (b *bench) blobURL(s *server) string {
 // commits a blob only after it has sent the last byte, so a read is repeated
 // until one costs the upstream nothing: only then is the blob hot.
 func (b *bench) prime(ctx context.Context, s *server) error {
-	b.link.setRate(0)
-	defer b.link.setRate(b.opt.rate)
+	b.link.SetRate(0)
+	defer b.link.SetRate(b.opt.rate)
 	client := &http.Client{Transport: newTransport()}
 	defer client.CloseIdleConnections()
 	for attempt := 1; ; attempt++ {
-		b.link.reset()
+		b.link.Reset()
 		if err := getBlob(ctx, client, b.blobURL(s), b.big.size); err != nil {
 			return err
 		}
@@ -246,7 +246,7 @@ func (b *bench) prime(ctx context.Context, s *server) error {
 // checkHot fails a hot measurement that fetched blob bytes from the
 // upstream after all. A few hundred bytes are the mirrors' health pings.
 func (b *bench) checkHot(s *server) error {
-	if n := b.link.upstreamBytes(); n > 64<<10 {
+	if n := b.link.UpstreamBytes(); n > 64<<10 {
 		return fmt.Errorf("%s fetched %s from the upstream while serving a cached blob", s.kind, sizeString(n))
 	}
 	return nil
@@ -307,7 +307,7 @@ func (b *bench) scenarioCPU(ctx context.Context) error {
 			if err != nil {
 				return err
 			}
-			b.link.reset()
+			b.link.Reset()
 			endProfile := b.profile(s, fmt.Sprintf("%02d-%s-cpu-hot-%d", b.seq, s.kind, rep+1))
 			wall, err := b.readBlob(ctx, s, o.cpuConc, o.cpuReads)
 			endProfile()
@@ -381,7 +381,7 @@ func (b *bench) scenarioRSS(ctx context.Context) error {
 			s.stop()
 			continue
 		}
-		b.link.reset()
+		b.link.Reset()
 		w := watchRSS(s.p.pid())
 		wall, err := b.readBlob(ctx, s, o.rssConc, 1)
 		peak := w.peakMiB()
@@ -435,14 +435,14 @@ func (b *bench) hungPulls(ctx context.Context, m mirror, rep int, first, next *c
 	tr := newTransport()
 	defer func() {
 		// Let stuck requests finish so the mirror can shut down promptly.
-		b.link.unhang()
+		b.link.Resume()
 		s.stop()
 		tr.CloseIdleConnections()
 	}()
 	if _, err := pullImage(ctx, tr, s.addr, b.image); err != nil {
 		return false, fmt.Errorf("%s: seeding the cache: %w (log: %s)", m.name, err, s.p.log)
 	}
-	b.link.hang()
+	b.link.Hang()
 	for i, c := range []*cell{first, next} {
 		// The tag must be past its TTL so the mirror has to ask the upstream.
 		time.Sleep(b.opt.tagTTL + 250*time.Millisecond)

@@ -198,7 +198,7 @@ func (b *bench) startBerthOn(ctx context.Context, tagTTL time.Duration, fleet *f
 		args := []string{"serve",
 			"--listen", addr,
 			"--data", filepath.Join(dir, "data"),
-			"--upstream", upstreamName + "=http://" + b.link.addr,
+			"--upstream", upstreamName + "=http://" + b.link.Addr,
 			"--default-upstream", upstreamName,
 			"--tag-ttl", tagTTL.String(),
 			"--cache-size", "64GiB",
@@ -288,7 +288,7 @@ func (b *bench) startDistributionOn(ctx context.Context, fleet *fleetBucket) (*s
   redirect:
     disable: true`, fleet.accessKey, fleet.secretKey, fleet.region, fleet.endpoint, fleet.bucket, strings.TrimSuffix(fleet.prefix, "/"))
 	}
-	return b.startRegistry(ctx, "distribution", storage, fmt.Sprintf("proxy:\n  remoteurl: http://%s\n", b.link.addr))
+	return b.startRegistry(ctx, "distribution", storage, fmt.Sprintf("proxy:\n  remoteurl: http://%s\n", b.link.Addr))
 }
 
 const nginxConfig = `daemon off;
