@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -330,3 +331,30 @@ func TestConfigSubcommand(t *testing.T) {
 }
 
 func nilLogger() *log.Logger { return log.New(io.Discard, "", 0) }
+
+// berth answers /v2/ before its first health round is done (an upstream
+// that hangs holds that round for its timeout); a SIGHUP in that window is
+// a reload, not the end of the process.
+func TestSIGHUPWhileStarting(t *testing.T) {
+	hang, err := net.Listen("tcp", "127.0.0.1:0") // accepts, never answers
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hang.Close()
+	b := startBerth(t, "--upstream", "docker.io=http://"+hang.Addr().String())
+	if err := b.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-b.exited:
+		t.Fatalf("SIGHUP during start-up ended berth: %v\n%s", err, b.logText())
+	case <-time.After(2 * time.Second):
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(b.logText(), "configuration reloaded") {
+		if time.Now().After(deadline) {
+			t.Fatalf("the early SIGHUP was never handled:\n%s", b.logText())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -114,6 +114,13 @@ func applyLogConfig(log *logrus.Logger, cfg *config.Config) {
 }
 
 func serve(l *loader, cfg *config.Config) error {
+	// First thing: a SIGHUP or SIGTERM that arrives while berth starts
+	// (it answers /v2/ before its first health round is done) must be
+	// handled, not kill the process.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+
 	var shared *storage.S3
 	log := newLogger(cfg)
 	entry := logrus.NewEntry(log)
@@ -186,9 +193,6 @@ func serve(l *loader, cfg *config.Config) error {
 		"default_upstream": cfg.DefaultUpstream, "cache_size": int64(cfg.Cache.Size), "tag_ttl": cfg.TagTTL.String(),
 	}).Info("berth serving")
 
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
 	for {
 		select {
 		case err := <-served:
