@@ -162,9 +162,6 @@ func (l *Local) Pin(k Key) (release func(), ok bool) {
 	}, true
 }
 
-// Root is the directory the tier lives in.
-func (l *Local) Root() string { return l.root }
-
 func (l *Local) blobPath(k Key) string {
 	return filepath.Join(l.root, "blobs", k.Upstream, string(k.Digest.Algorithm()), k.Digest.Encoded())
 }
