@@ -40,7 +40,7 @@ var errFlightAborted = errors.New("download failed")
 type source struct {
 	body  io.ReadCloser
 	size  int64
-	label string        // "upstream" or "s3"
+	label string        // "upstream", "s3" or "peer"
 	lease storage.Lease // held while fetching from the upstream for the fleet
 }
 

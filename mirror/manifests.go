@@ -260,14 +260,15 @@ func (s *Server) serveTagManifest(w http.ResponseWriter, r *http.Request, t targ
 	if !acceptable(r, m.MediaType) {
 		ctx, cancel := context.WithTimeout(r.Context(), upstreamFetchTimeout)
 		defer cancel()
-		key, _, err := s.fetchManifest(ctx, t, tag, strings.Join(r.Header.Values("Accept"), ", "), "")
+		key, alt, err := s.fetchManifest(ctx, t, tag, strings.Join(r.Header.Values("Accept"), ", "), "")
 		if err != nil {
 			s.upstreamFailure(w, err, v2.ErrorCodeManifestUnknown)
 			return true
 		}
-		d = key.Digest
+		d, m = key.Digest, alt
 	}
-	return s.serveStoredManifest(w, r, t, d)
+	s.writeManifest(w, r, d, m)
+	return true
 }
 
 // acceptable reports whether the Accept headers admit mediaType; none at
@@ -294,6 +295,11 @@ func (s *Server) serveStoredManifest(w http.ResponseWriter, r *http.Request, t t
 	if err != nil {
 		return false
 	}
+	s.writeManifest(w, r, d, m)
+	return true
+}
+
+func (s *Server) writeManifest(w http.ResponseWriter, r *http.Request, d digest.Digest, m storage.Manifest) {
 	h := w.Header()
 	h.Set("Content-Type", m.MediaType)
 	h.Set("Docker-Content-Digest", d.String())
@@ -301,5 +307,4 @@ func (s *Server) serveStoredManifest(w http.ResponseWriter, r *http.Request, t t
 	cw := &countingWriter{ResponseWriter: w}
 	http.ServeContent(cw, r, "", time.Time{}, bytes.NewReader(m.Content))
 	s.metrics.bytesServed.WithLabelValues("local").Add(float64(cw.n))
-	return true
 }

@@ -175,8 +175,8 @@ func (s *Server) SharedHealth(ping func(context.Context) error) func(context.Con
 }
 
 // openBlobSource finds a blob for a flight: the bucket, else the upstream
-// under the fleet's lease, else (lease held elsewhere) the bucket once the
-// holder has put it there.
+// under the fleet's lease, else (lease held elsewhere) the holder's berth
+// when it advertises a URL, else the bucket once the holder has put it there.
 func (s *Server) openBlobSource(ctx context.Context, key storage.Key, up *upstream, repo string) (source, error) {
 	sh := s.shared()
 	if sh == nil {

@@ -175,7 +175,6 @@ func serve(l *loader, cfg *config.Config) error {
 		Handler:           mux,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
-		ErrorLog:          nil,
 	}
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
