@@ -58,6 +58,13 @@ func TestQuickRun(t *testing.T) {
 	if err != nil {
 		t.Fatalf("run: %v", err)
 	}
+	// The fleet runs on its own link rate, and the header says which.
+	if !strings.Contains(out.String(), "upstream link 100 MB/s (fleet: 33 MB/s)") {
+		t.Error("the header does not name the fleet's link rate")
+	}
+	if !strings.Contains(log.String(), "fleet: upstream link at 33 MB/s") {
+		t.Error("the fleet scenario did not set its link rate")
+	}
 	rows := parseTable(t, out.String())
 	want := []string{
 		"upstream bytes ÷ image bytes, 1 cold pull",
@@ -77,6 +84,7 @@ func TestQuickRun(t *testing.T) {
 		"fleet: one cold pull on one host on the bucket (s)",
 		"fleet wall time ÷ one cold pull on one host",
 		"fleet, 3 hosts × 10 cold pulls: the same pulls hot (s)",
+		"fleet: hot round ÷ one cold pull (this machine's floor)",
 		"fleet, cold round: S3 requests per blob of the image",
 		"fleet, cold round: S3 write requests",
 		"fleet, warm bucket: one pull on a new host (s)",
@@ -166,6 +174,30 @@ func TestQuickKeepsExplicitFlags(t *testing.T) {
 	}
 	if _, err := parseFlags([]string{"-scenarios", "pulls,nope"}, io.Discard); err == nil {
 		t.Error("an unknown scenario was accepted")
+	}
+}
+
+func TestFleetRate(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want int64
+	}{
+		{nil, 100_000_000 / 3},
+		{[]string{"-rate", "30MB"}, 10_000_000},
+		{[]string{"-rate", "30MB", "-fleet-rate", "100MB"}, 100_000_000},
+		{[]string{"-fleet-rate", "0"}, 0},
+		{[]string{"-rate", "0"}, 0},
+	} {
+		o, err := parseFlags(c.args, io.Discard)
+		if err != nil {
+			t.Fatalf("%q: %v", c.args, err)
+		}
+		if o.fleetRate != c.want {
+			t.Errorf("%q: fleet rate %d, want %d", c.args, o.fleetRate, c.want)
+		}
+	}
+	if _, err := parseFlags([]string{"-fleet-rate", "-5"}, io.Discard); err == nil {
+		t.Error("a negative -fleet-rate was accepted")
 	}
 }
 

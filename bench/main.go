@@ -33,6 +33,7 @@ import (
 type options struct {
 	scenarios []string
 	rate      int64 // bytes per second on the upstream link; 0 is unlimited
+	fleetRate int64 // the same, in the fleet scenario
 	layers    int
 	layerSize int64
 	pullNs    []int
@@ -81,7 +82,7 @@ func main() {
 type sizeFlag struct{ n *int64 }
 
 func (s sizeFlag) String() string {
-	if s.n == nil {
+	if s.n == nil || *s.n < 0 { // unset: the usage text says what the default is
 		return ""
 	}
 	return strconv.FormatInt(*s.n, 10)
@@ -109,6 +110,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&scen, "scenarios", strings.Join(names, ","), "comma-separated scenarios to run: "+strings.Join(names, ", "))
 	o.rate = 100_000_000
 	fs.Var(sizeFlag{&o.rate}, "rate", "bandwidth of the upstream link per second, e.g. 100MB or 1GiB; 0 for unlimited")
+	o.fleetRate = -1
+	fs.Var(sizeFlag{&o.fleetRate}, "fleet-rate", "bandwidth of the upstream link in the fleet scenario (default: -rate ÷ 3, as its three hosts share this machine's CPU; see bench/README.md)")
 	fs.IntVar(&o.layers, "layers", 3, "layers in the test image")
 	o.layerSize = 32 << 20
 	fs.Var(sizeFlag{&o.layerSize}, "layer-size", "bytes of random data per layer")
@@ -179,6 +182,11 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("-wall-n, -reps, -cpu-clients, -cpu-reads and -rss-clients must be positive")
 	case o.rate < 0:
 		return o, errors.New("-rate must not be negative")
+	case o.fleetRate < -1:
+		return o, errors.New("-fleet-rate must not be negative")
+	}
+	if o.fleetRate == -1 {
+		o.fleetRate = o.rate / fleetHosts
 	}
 	return o, nil
 }
@@ -263,8 +271,12 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		}
 	}
 	// What was measured before an error or an interrupt is still worth seeing.
+	link := rateString(opt.rate)
+	if slices.Contains(opt.scenarios, "fleet") && opt.fleetRate != opt.rate {
+		link += " (fleet: " + rateString(opt.fleetRate) + ")"
+	}
 	fmt.Fprintf(stdout, "\nberth benchmark, %s, upstream link %s, %d CPUs, %.0f s\n\n",
-		time.Now().Format("2006-01-02 15:04"), rateString(opt.rate), numCPU(), time.Since(b.started).Seconds())
+		time.Now().Format("2006-01-02 15:04"), link, numCPU(), time.Since(b.started).Seconds())
 	b.table.write(stdout)
 	if scenErr != nil {
 		return scenErr
