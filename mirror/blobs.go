@@ -37,6 +37,10 @@ func (s *Server) serveBlob(w http.ResponseWriter, r *http.Request, up *upstream,
 		if errors.Is(err, errCachedMeanwhile) {
 			continue
 		}
+		if errors.Is(err, errRelayMissed) {
+			s.passthrough(w, r, up, repo, dgst)
+			return
+		}
 		if err != nil {
 			s.blobError(w, err)
 			return
@@ -57,6 +61,10 @@ func (s *Server) servePeer(w http.ResponseWriter, r *http.Request, key storage.K
 		rd = fl.newReader(r.Context())
 	}
 	s.mu.Unlock()
+	if ok && rd == nil {
+		serveError(w, v2.ErrorCodeBlobUnknown.WithMessage("relayed uncached on this berth and past its start"))
+		return
+	}
 	if !ok {
 		if s.serveLocalBlob(w, r, key) { // committed since the miss
 			return
@@ -91,7 +99,10 @@ func blobHeaders(w http.ResponseWriter, d digest.Digest) {
 	h.Set("Cache-Control", "max-age=31536000, immutable")
 }
 
-var errCachedMeanwhile = errors.New("blob was cached meanwhile")
+var (
+	errCachedMeanwhile = errors.New("blob was cached meanwhile")
+	errRelayMissed     = errors.New("blob is relayed uncached and its start has gone by")
+)
 
 // joinFlight attaches the request to the blob's download, starting one if
 // none runs. The download belongs to no request: a client that goes away
@@ -101,6 +112,9 @@ func (s *Server) joinFlight(ctx context.Context, key storage.Key, up *upstream, 
 	if fl, ok := s.flights[key]; ok {
 		rd := fl.newReader(ctx)
 		s.mu.Unlock()
+		if rd == nil {
+			return nil, errRelayMissed
+		}
 		return rd, nil
 	}
 	// Flights leave the map only after their commit, so with the lock held
@@ -142,6 +156,10 @@ func (s *Server) download(fl *flight, up *upstream, repo string) {
 		defer s.keepLease(src.lease)()
 	}
 	w, err := s.local.CreateBlob(fl.key, src.size)
+	if errors.Is(err, storage.ErrNoSpace) {
+		s.relay(fl, src, up, log, end)
+		return
+	}
 	if err == nil {
 		fl.rf, err = os.Open(w.Path())
 		if err != nil {
@@ -178,6 +196,33 @@ func (s *Server) download(fl *flight, up *upstream, repo string) {
 	s.afterDownload(fl.key, src, nil, log)
 }
 
+// relay serves a download the disk has no room for to the clients that
+// joined it, through a bounded window of memory, and caches nothing. The
+// source opened for it is used, not thrown away: one fetch however many
+// clients asked at once.
+func (s *Server) relay(fl *flight, src source, up *upstream, log *logrus.Entry, end func(error, func())) {
+	s.metrics.passthrough.Inc()
+	fl.size, fl.label = src.size, src.label
+	fl.startRelay()
+	close(fl.started)
+	log.WithField("source", src.label).Warn("no room on disk for blob; relaying it to its clients uncached")
+	err := fl.runRelay(src, func(n int) {
+		if src.label == "upstream" {
+			s.metrics.upstreamBytes.WithLabelValues(up.host).Add(float64(n))
+		}
+	})
+	if errors.Is(err, storage.ErrDigestMismatch) {
+		s.metrics.mismatches.WithLabelValues(src.label).Inc()
+	}
+	if err != nil && !errors.Is(err, errRelayAbandoned) {
+		log.WithError(err).WithField("source", src.label).Warn("relayed blob download failed")
+	}
+	end(err, nil)
+	// Nothing was kept to share; this releases the lease for another host
+	// and deletes a corrupt bucket object.
+	s.afterDownload(fl.key, src, err, log)
+}
+
 func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightReader, up *upstream, repo string) {
 	defer rd.Close()
 	fl := rd.f
@@ -195,6 +240,17 @@ func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightR
 	}
 	if err != nil {
 		s.blobError(w, err)
+		return
+	}
+	if size < 0 && fl.relay {
+		blobHeaders(w, fl.key.Digest)
+		w.WriteHeader(http.StatusOK)
+		cw := &countingWriter{ResponseWriter: w}
+		io.Copy(cw, rd)
+		s.metrics.bytesServed.WithLabelValues(fl.label).Add(float64(cw.n))
+		if rd.err != nil {
+			panic(http.ErrAbortHandler)
+		}
 		return
 	}
 	if size < 0 {
@@ -235,30 +291,47 @@ func (s *Server) headUpstreamBlob(w http.ResponseWriter, r *http.Request, up *up
 	w.WriteHeader(http.StatusOK)
 }
 
-// passthrough streams a blob the disk has no room for straight to the
-// client, still verifying it: the last chunk is sent only once the digest matches.
+// passthrough streams a blob straight to one client, still verifying it:
+// the last chunk is sent only once the digest matches. It serves clients
+// that came too late to join a relay, from the bucket when it has the blob.
 func (s *Server) passthrough(w http.ResponseWriter, r *http.Request, up *upstream, repo string, dgst digest.Digest) {
 	s.metrics.passthrough.Inc()
-	resp, err := s.upstreamDo(r.Context(), up, repo, "blob", http.MethodGet, up.url(repo, "blobs", dgst.String()), nil)
+	src, err := s.passthroughSource(r.Context(), storage.Key{Upstream: up.host, Digest: dgst}, up, repo)
 	if err != nil {
 		s.blobError(w, err)
 		return
 	}
-	defer resp.Body.Close()
+	defer src.body.Close()
 	blobHeaders(w, dgst)
-	if resp.ContentLength >= 0 {
-		w.Header().Set("Content-Length", strconv.FormatInt(resp.ContentLength, 10))
+	if src.size >= 0 {
+		w.Header().Set("Content-Length", strconv.FormatInt(src.size, 10))
 	}
 	w.WriteHeader(http.StatusOK)
-	n, err := verifyingCopy(w, resp.Body, dgst)
-	s.metrics.upstreamBytes.WithLabelValues(up.host).Add(float64(n))
-	s.metrics.bytesServed.WithLabelValues("upstream").Add(float64(n))
+	n, err := verifyingCopy(w, src.body, dgst)
+	if src.label == "upstream" {
+		s.metrics.upstreamBytes.WithLabelValues(up.host).Add(float64(n))
+	}
+	s.metrics.bytesServed.WithLabelValues(src.label).Add(float64(n))
 	if err != nil {
 		if errors.Is(err, storage.ErrDigestMismatch) {
-			s.metrics.mismatches.WithLabelValues("upstream").Inc()
+			s.metrics.mismatches.WithLabelValues(src.label).Inc()
 		}
 		panic(http.ErrAbortHandler)
 	}
+}
+
+func (s *Server) passthroughSource(ctx context.Context, key storage.Key, up *upstream, repo string) (source, error) {
+	if sh := s.shared(); sh != nil {
+		body, size, err := sh.GetBlob(ctx, key)
+		if err == nil {
+			s.sharedT.avoided.WithLabelValues("blob").Inc()
+			return source{body: body, size: size, label: "s3"}, nil
+		}
+		if !errors.Is(err, storage.ErrNotFound) {
+			s.sharedFailed("get blob", err)
+		}
+	}
+	return s.openUpstreamBlob(ctx, key, up, repo)
 }
 
 // verifyingCopy copies src to dst holding back the last chunk until the

@@ -7,7 +7,10 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 
 	"github.com/berth-dev/berth/storage"
 )
@@ -17,6 +20,11 @@ import (
 // waits for the whole blob and the upstream is asked once. The last byte is
 // held back until the digest is verified: a client never receives the
 // complete body of corrupt content, only a cut-short response.
+//
+// When the disk has no room for the blob the flight relays instead: the
+// bytes pass through a window of memory that moves only as fast as its
+// slowest reader, so the clients that asked together still share one
+// download and memory stays bounded; nothing is cached.
 type flight struct {
 	key   storage.Key
 	size  int64  // from the source; -1 when it did not say
@@ -24,13 +32,21 @@ type flight struct {
 
 	rf *os.File // read side of the temp file; ReadAt is safe from many goroutines
 
+	// Relay mode, set before started closes. Byte p of the blob is at
+	// ring[p%len(ring)] while p >= base.
+	relay     bool
+	ring      []byte
+	stopRelay func() // closes the relay's source once no client is left
+
 	mu      sync.Mutex
 	cond    *sync.Cond
 	written int64
+	base    int64 // relay: the lowest offset the ring still holds
 	done    bool
 	err     error
 	readers int
-	release func() // unpins the committed blob once the last reader is done
+	members map[*flightReader]struct{} // relay: the readers that hold the window back
+	release func()                     // unpins the committed blob once the last reader is done
 	started chan struct{}
 }
 
@@ -87,6 +103,139 @@ func (f *flight) run(w *storage.BlobWriter, src source, onBytes func(n int)) err
 	return w.Commit()
 }
 
+// relayWindow is the memory a relay holds: the most any reader of it may
+// lag behind the download.
+const relayWindow = 4 << 20
+
+// relayStall is how long a relay waits for a reader that reads nothing
+// before it drops that reader, so one stuck client cannot stall the others.
+// A variable for tests.
+var relayStall = 30 * time.Second
+
+var (
+	errRelayStalled   = errors.New("fell behind a download the disk had no room for")
+	errRelayAbandoned = errors.New("every client of an uncached download went away")
+)
+
+// startRelay turns the flight into a relay; call it before started closes.
+func (f *flight) startRelay() {
+	f.relay = true
+	f.ring = make([]byte, relayWindow)
+}
+
+// runRelay reads src through the ring, verifying the digest as a BlobWriter
+// would. It ends early once every reader has gone: with nothing cached there
+// is nobody left to download for.
+func (f *flight) runRelay(src source, onBytes func(n int)) error {
+	var abandoned atomic.Bool
+	f.mu.Lock()
+	f.stopRelay = sync.OnceFunc(func() { abandoned.Store(true); src.body.Close() })
+	f.mu.Unlock()
+	defer src.body.Close()
+	timer := time.AfterFunc(idleTimeout, func() { src.body.Close() })
+	defer timer.Stop()
+	h := f.key.Digest.Algorithm().Hash()
+	ring := int64(len(f.ring))
+	for {
+		want := min(256<<10, ring-f.written%ring)
+		if err := f.makeRoom(want); err != nil {
+			return err
+		}
+		at := f.written % ring
+		n, rerr := src.body.Read(f.ring[at : at+want])
+		timer.Reset(idleTimeout)
+		if n > 0 {
+			h.Write(f.ring[at : at+int64(n)])
+			onBytes(n)
+			f.publish(int64(n))
+			if f.size >= 0 && f.written > f.size {
+				return errors.New("source sent more bytes than it announced")
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			if abandoned.Load() {
+				return errRelayAbandoned
+			}
+			return rerr
+		}
+	}
+	if f.size >= 0 && f.written != f.size {
+		return io.ErrUnexpectedEOF
+	}
+	if got := digest.NewDigest(f.key.Digest.Algorithm(), h); got != f.key.Digest {
+		return fmt.Errorf("%w: want %s, got %s", storage.ErrDigestMismatch, f.key.Digest, got)
+	}
+	return nil
+}
+
+// makeRoom waits until the next want bytes can go into the ring without
+// overwriting anything a reader has yet to read, then gives that stretch
+// up. A reader in the way that has not moved for relayStall is dropped.
+func (f *flight) makeRoom(want int64) error {
+	ring := int64(len(f.ring))
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var wake *time.Timer
+	defer func() {
+		if wake != nil {
+			wake.Stop()
+		}
+	}()
+	for {
+		need := f.written + want - ring // the lowest offset that stays
+		now := time.Now()
+		var next time.Time // when the next reader in the way would be dropped
+		live, inWay, dropped := 0, 0, false
+		for r := range f.members {
+			if r.canceled || r.evicted {
+				continue
+			}
+			live++
+			if r.pos >= need {
+				continue
+			}
+			inWay++
+			if at := r.moved.Add(relayStall); !now.Before(at) {
+				r.evicted, dropped = true, true
+			} else if next.IsZero() || at.Before(next) {
+				next = at
+			}
+		}
+		switch {
+		case live == 0:
+			return errRelayAbandoned
+		case inWay == 0:
+			f.base = max(f.base, need)
+			return nil
+		case dropped:
+			f.cond.Broadcast() // the dropped readers' handlers end
+			continue
+		}
+		if wake != nil {
+			wake.Stop()
+		}
+		wake = time.AfterFunc(time.Until(next), f.cond.Broadcast)
+		f.cond.Wait()
+	}
+}
+
+// abandonedLocked reports a relay whose every client has gone, whose
+// download is therefore pointless. f.mu is held.
+func (f *flight) abandonedLocked() bool {
+	if !f.relay || f.done {
+		return false
+	}
+	for r := range f.members {
+		if !r.canceled && !r.evicted {
+			return false
+		}
+	}
+	return true
+}
+
 func (f *flight) publish(n int64) {
 	f.mu.Lock()
 	f.written += n
@@ -107,24 +256,40 @@ func (f *flight) finish(err error, release func()) {
 }
 
 func (f *flight) close() {
-	f.rf.Close()
+	if f.rf != nil {
+		f.rf.Close()
+	}
 	if f.release != nil {
 		f.release()
 	}
 }
 
-// newReader joins the flight. The reader must be closed.
+// newReader joins the flight. The reader must be closed. It returns nil
+// for a relay that has moved past the blob's start.
 func (f *flight) newReader(ctx context.Context) *flightReader {
+	r := &flightReader{f: f, moved: time.Now()}
 	f.mu.Lock()
+	if f.base > 0 {
+		f.mu.Unlock()
+		return nil
+	}
 	f.readers++
+	if f.members == nil {
+		f.members = map[*flightReader]struct{}{}
+	}
+	f.members[r] = struct{}{}
 	f.mu.Unlock()
-	r := &flightReader{f: f}
 	// Wake a reader blocked in Read when its client goes away.
 	r.stop = context.AfterFunc(ctx, func() {
 		f.mu.Lock()
 		r.canceled = true
+		stop := f.stopRelay
+		gone := stop != nil && f.abandonedLocked()
 		f.mu.Unlock()
 		f.cond.Broadcast()
+		if gone {
+			stop()
+		}
 	})
 	return r
 }
@@ -134,6 +299,9 @@ func (f *flight) newReader(ctx context.Context) *flightReader {
 type flightReader struct {
 	f        *flight
 	off      int64
+	pos      int64     // relay: where this reader last read; the window waits for it
+	moved    time.Time // relay: when pos last changed
+	evicted  bool      // relay: dropped for holding the window back too long
 	canceled bool
 	stop     func() bool
 	closed   bool
@@ -153,6 +321,18 @@ func (r *flightReader) available() (int64, error) {
 		}
 		if r.canceled {
 			return 0, context.Canceled
+		}
+		if r.evicted {
+			return 0, errRelayStalled
+		}
+		if f.relay {
+			if r.off < f.base {
+				return 0, errRelayStalled
+			}
+			if r.pos != r.off {
+				r.pos, r.moved = r.off, time.Now()
+				f.cond.Broadcast() // the window may move now
+			}
 		}
 		avail := f.written
 		if !f.done {
@@ -181,6 +361,15 @@ func (r *flightReader) Read(p []byte) (int, error) {
 		return 0, r.fail(err)
 	}
 	n := min(int64(len(p)), avail-r.off)
+	if r.f.relay {
+		// The window keeps [r.pos, r.pos+len(ring)) intact, and r.pos is r.off.
+		ring := r.f.ring
+		at := r.off % int64(len(ring))
+		m := copy(p[:n], ring[at:])
+		m += copy(p[m:n], ring)
+		r.off += int64(m)
+		return m, nil
+	}
 	m, err := r.f.rf.ReadAt(p[:n], r.off)
 	r.off += int64(m)
 	if err == io.EOF && m > 0 {
@@ -194,6 +383,9 @@ func (r *flightReader) Read(p []byte) (int, error) {
 // sendfile, as for cached blobs: many clients streaming one download then
 // cost little more CPU than serving it hot.
 func (r *flightReader) sendTo(w io.Writer, limit int64) (int64, error) {
+	if r.f.relay {
+		return io.Copy(w, struct{ io.Reader }{io.LimitReader(r, limit)})
+	}
 	if r.file == nil {
 		// An open file of its own, for an offset of its own: sendfile reads
 		// from the file's position. /proc finds the temp file even after
@@ -257,8 +449,15 @@ func (r *flightReader) Close() error {
 	f := r.f
 	f.mu.Lock()
 	f.readers--
+	delete(f.members, r)
 	last := f.readers == 0 && f.done
+	stop := f.stopRelay
+	gone := stop != nil && f.abandonedLocked()
 	f.mu.Unlock()
+	f.cond.Broadcast() // a relay may be waiting for this reader
+	if gone {
+		stop()
+	}
 	if last {
 		f.close()
 	}

@@ -814,6 +814,34 @@ func TestFleetEvictedBlobFromS3(t *testing.T) {
 			t.Errorf("B fetched %.0f blob bytes from the upstream", up)
 		}
 	})
+
+	t.Run("no-room", func(t *testing.T) {
+		// A cache smaller than one layer: every layer is relayed uncached,
+		// from the bucket, to concurrent pulls.
+		c := f.host(t, "", "--tag-ttl", "5m", "--cache-size", "1MiB")
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		const pulls = 4
+		errs := make(chan error, pulls)
+		for range pulls {
+			go func() { errs <- pullImage(ctx, c.Host, "library/evicted", "1", img) }()
+		}
+		for range pulls {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+		f.up.checkBlobGETs(t, "pulls through a host with no room", img.Blobs(), 1)
+		if up := metric(t, c, "berth_upstream_bytes_total"); up != 0 {
+			t.Errorf("C fetched %.0f blob bytes from the upstream", up)
+		}
+		if n := metric(t, c, "berth_passthrough_total"); n < 3 {
+			t.Errorf("C relayed %.0f blobs, want at least the 3 layers it has no room for", n)
+		}
+		if s3 := servedFrom(t, c, "s3", pulls*blobBytes(img)); s3 < pulls*(blobBytes(img)-img.Config.Size) {
+			t.Errorf("C served %d bytes from S3, want the layers of %d pulls", s3, pulls)
+		}
+	})
 	f.bucket.VerifyBlobs(t)
 }
 
