@@ -75,19 +75,28 @@ func (s *Server) servePeer(w http.ResponseWriter, r *http.Request, key storage.K
 	s.serveFlight(w, r, rd, nil, "")
 }
 
-// serveLocalBlob answers from disk with sendfile. It reports false on a miss.
+// serveLocalBlob answers a cache hit from disk with sendfile. It reports
+// false on a miss.
 func (s *Server) serveLocalBlob(w http.ResponseWriter, r *http.Request, key storage.Key) bool {
+	return s.sendBlobFile(w, r, key, "local", func() { s.metrics.lookups.WithLabelValues("blob", "hit").Inc() })
+}
+
+// sendBlobFile serves a committed blob from disk, its bytes counted under
+// label; hit runs when the blob is there.
+func (s *Server) sendBlobFile(w http.ResponseWriter, r *http.Request, key storage.Key, label string, hit func()) bool {
 	f, _, release, err := s.local.OpenBlob(key)
 	if err != nil {
 		return false
 	}
 	defer release()
 	defer f.Close()
-	s.metrics.lookups.WithLabelValues("blob", "hit").Inc()
+	if hit != nil {
+		hit()
+	}
 	blobHeaders(w, key.Digest)
 	cw := &countingWriter{ResponseWriter: w}
 	http.ServeContent(cw, r, "", time.Time{}, f)
-	s.metrics.bytesServed.WithLabelValues("local").Add(float64(cw.n))
+	s.metrics.bytesServed.WithLabelValues(label).Add(float64(cw.n))
 	return true
 }
 
@@ -257,8 +266,10 @@ func (s *Server) serveFlight(w http.ResponseWriter, r *http.Request, rd *flightR
 		// Without a length the flight cannot be seeked to its end, which
 		// ServeContent needs, even when it has finished: wait for it, then
 		// serve it from disk.
+		// The request counted as a miss when it joined, and its bytes
+		// came from the flight's source.
 		io.Copy(io.Discard, rd)
-		if !s.serveLocalBlob(w, r, fl.key) {
+		if !s.sendBlobFile(w, r, fl.key, fl.label, nil) {
 			s.blobError(w, errFlightAborted)
 		}
 		return

@@ -347,6 +347,22 @@ func TestBlobWithoutContentLength(t *testing.T) {
 	}
 }
 
+// A download of unknown length is served from disk once it is complete;
+// it still counts as one miss, its bytes as the upstream's.
+func TestBlobWithoutContentLengthMetrics(t *testing.T) {
+	up, h, content, _, path := newBlobFixture(t, 19, 100<<10)
+	up.set("GET", path, chunked())
+	wantOK(t, h.get(path), content)
+	blob := func(result string) map[string]string { return map[string]string{"kind": "blob", "result": result} }
+	h.wantMetric("berth_cache_lookups_total", blob("miss"), 1)
+	h.wantMetric("berth_cache_lookups_total", blob("hit"), 0)
+	h.wantMetric("berth_bytes_served_total", map[string]string{"source": "upstream"}, float64(len(content)))
+	h.wantMetric("berth_bytes_served_total", map[string]string{"source": "local"}, 0)
+	wantOK(t, h.get(path), content)
+	h.wantMetric("berth_cache_lookups_total", blob("hit"), 1)
+	h.wantMetric("berth_bytes_served_total", map[string]string{"source": "local"}, float64(len(content)))
+}
+
 // A client that joined a download of unknown length which then finished
 // before the client looked at it must still get the blob.
 func TestServeFlightFinishedWithUnknownSize(t *testing.T) {
