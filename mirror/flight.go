@@ -238,6 +238,16 @@ func (f *flight) abandonedLocked() bool {
 
 func (f *flight) publish(n int64) {
 	f.mu.Lock()
+	if f.relay {
+		// A reader that had read all there was was waiting, not stalling:
+		// its relayStall counts from now.
+		now := time.Now()
+		for r := range f.members {
+			if r.pos >= f.written-1 {
+				r.moved = now
+			}
+		}
+	}
 	f.written += n
 	f.mu.Unlock()
 	f.cond.Broadcast()
