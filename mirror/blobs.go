@@ -213,6 +213,19 @@ func (s *Server) relay(fl *flight, src source, up *upstream, log *logrus.Entry, 
 	s.metrics.passthrough.Inc()
 	fl.size, fl.label = src.size, src.label
 	fl.startRelay()
+	// What comes from the upstream also goes to the bucket, as one more
+	// reader of the relay, so the fleet still fetches it once. The upload
+	// only ends well if the relay verified the blob: its reader fails, and
+	// the upload is aborted, on anything else.
+	var uploaded chan error
+	if st, ok := s.shared().(blobStreamer); ok && src.label == "upstream" {
+		rd := fl.newReader(s.downloadCtx)
+		uploaded = make(chan error, 1)
+		go func() {
+			defer rd.Close()
+			uploaded <- st.PutBlobStream(s.downloadCtx, fl.key, rd)
+		}()
+	}
 	close(fl.started)
 	log.WithField("source", src.label).Warn("no room on disk for blob; relaying it to its clients uncached")
 	err := fl.runRelay(src, func(n int) {
@@ -227,8 +240,15 @@ func (s *Server) relay(fl *flight, src source, up *upstream, log *logrus.Entry, 
 		log.WithError(err).WithField("source", src.label).Warn("relayed blob download failed")
 	}
 	end(err, nil)
-	// Nothing was kept to share; this releases the lease for another host
-	// and deletes a corrupt bucket object.
+	if uploaded != nil {
+		// The lease is released only after this, so hosts waiting on it
+		// find the blob in the bucket.
+		if uerr := <-uploaded; err == nil && uerr != nil {
+			s.sharedFailed("put blob", uerr)
+		}
+	}
+	// This releases the lease and deletes a corrupt bucket object; there
+	// is no file for it to upload.
 	s.afterDownload(fl.key, src, err, log)
 }
 

@@ -3,6 +3,7 @@ package mirror
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
@@ -52,6 +53,13 @@ type renewer interface {
 // tookOver is the optional capability of leases that know they replaced an expired one.
 type tookOver interface {
 	TookOver() bool
+}
+
+// blobStreamer is the optional capability of tiers that can take a blob
+// from a stream read once; a host relaying a blob it has no room for
+// shares it that way.
+type blobStreamer interface {
+	PutBlobStream(ctx context.Context, k storage.Key, r io.Reader) error
 }
 
 // blobStatter is the optional capability of tiers that can check for a

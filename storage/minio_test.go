@@ -11,6 +11,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"testing/iotest"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -186,6 +187,33 @@ func TestMinIO(t *testing.T) {
 		}
 		if n, _ := rc.get("UploadPart"); n != 8 {
 			t.Errorf("second PutBlob of a present blob sent parts: %d UploadPart in total", n)
+		}
+	})
+
+	t.Run("StreamedBlob", func(t *testing.T) {
+		ctx := testCtx(t, 3*time.Minute)
+		bucket := m.NewBucket(t)
+		s := newMinIOS3(t, m, bucket, "host-a", func(o *S3Options) { o.PartSize = 5 << 20 })
+		for _, size := range []int{100 << 10, 12 << 20} { // one PUT; three parts
+			_, want, d := blobFile(t, size)
+			k := Key{Upstream: "docker.io", Digest: d}
+			if err := s.PutBlobStream(ctx, k, bytes.NewReader(want)); err != nil {
+				t.Fatalf("%d bytes: %v", size, err)
+			}
+			if got, n := readBlob(t, ctx, s, k); n != int64(size) || digest.FromBytes(got) != d {
+				t.Fatalf("streamed blob of %d bytes read back as %d bytes (size %d)", size, len(got), n)
+			}
+			// A body that fails at its very end (as a relay does on a
+			// digest mismatch) leaves no object behind.
+			_, other, od := blobFile(t, size)
+			ok := Key{Upstream: "docker.io", Digest: od}
+			failing := io.MultiReader(bytes.NewReader(other[:size-1]), iotest.ErrReader(errors.New("digest mismatch")))
+			if err := s.PutBlobStream(ctx, ok, failing); err == nil {
+				t.Fatalf("%d bytes: an upload whose body failed succeeded", size)
+			}
+			if _, err := s.StatBlob(ctx, ok); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("%d bytes: after a failed streamed upload StatBlob = %v, want ErrNotFound", size, err)
+			}
 		}
 	})
 

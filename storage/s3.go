@@ -316,6 +316,29 @@ func (s *S3) PutBlob(ctx context.Context, k Key, f *os.File, size int64) error {
 	return nil
 }
 
+// PutBlobStream uploads a blob read once, front to back, from r: for a host
+// that relays a blob it has no room to keep. The uploader holds at most
+// Concurrency parts of PartSize in memory. r must fail rather than end
+// when its content does not match k's digest: an upload whose body fails
+// is aborted and leaves no object.
+func (s *S3) PutBlobStream(ctx context.Context, k Key, r io.Reader) error {
+	key, err := s.blobKey(k)
+	if err != nil {
+		return err
+	}
+	_, err = s.uploader.Upload(ctx, &s3.PutObjectInput{
+		Bucket:      &s.opts.Bucket,
+		Key:         &key,
+		Body:        struct{ io.Reader }{r}, // read once; never seeked
+		ContentType: aws.String("application/octet-stream"),
+		IfNoneMatch: aws.String("*"),
+	})
+	if err != nil && !isPrecondition(err) {
+		return s.opErr("put blob", key, err, nil)
+	}
+	return nil
+}
+
 // DeleteBlob removes a blob found to be corrupt.
 func (s *S3) DeleteBlob(ctx context.Context, k Key) error {
 	key, err := s.blobKey(k)

@@ -251,6 +251,22 @@ func mustPull(t *testing.T, b *Berth, repo, tag string, want *PushedImage) {
 	}
 }
 
+// pullAtOnce pulls the image n times concurrently through b.
+func pullAtOnce(t *testing.T, b *Berth, repo, tag string, want *PushedImage, n int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	errs := make(chan error, n)
+	for range n {
+		go func() { errs <- pullImage(ctx, b.Host, repo, tag, want) }()
+	}
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatalf("through %s: %v", b.Host, err)
+		}
+	}
+}
+
 // describe lists requests for messages.
 func describe(reqs []*upstreamReq) string {
 	var parts []string
@@ -819,18 +835,8 @@ func TestFleetEvictedBlobFromS3(t *testing.T) {
 		// A cache smaller than one layer: every layer is relayed uncached,
 		// from the bucket, to concurrent pulls.
 		c := f.host(t, "", "--tag-ttl", "5m", "--cache-size", "1MiB")
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
 		const pulls = 4
-		errs := make(chan error, pulls)
-		for range pulls {
-			go func() { errs <- pullImage(ctx, c.Host, "library/evicted", "1", img) }()
-		}
-		for range pulls {
-			if err := <-errs; err != nil {
-				t.Fatal(err)
-			}
-		}
+		pullAtOnce(t, c, "library/evicted", "1", img, pulls)
 		f.up.checkBlobGETs(t, "pulls through a host with no room", img.Blobs(), 1)
 		if up := metric(t, c, "berth_upstream_bytes_total"); up != 0 {
 			t.Errorf("C fetched %.0f blob bytes from the upstream", up)
@@ -840,6 +846,23 @@ func TestFleetEvictedBlobFromS3(t *testing.T) {
 		}
 		if s3 := servedFrom(t, c, "s3", pulls*blobBytes(img)); s3 < pulls*(blobBytes(img)-img.Config.Size) {
 			t.Errorf("C served %d bytes from S3, want the layers of %d pulls", s3, pulls)
+		}
+	})
+
+	t.Run("no-room-first", func(t *testing.T) {
+		// The first host to pull an image has no room for its layers: it
+		// relays them from the upstream and still shares them through the
+		// bucket, so the next host reads them from there.
+		fresh := PushImage(t, Docker, f.reg.Host, "library/noroom", "1", 2<<20, 3)
+		d := f.host(t, "", "--tag-ttl", "5m", "--cache-size", "1MiB")
+		pullAtOnce(t, d, "library/noroom", "1", fresh, 3)
+		f.up.checkBlobGETs(t, "first pulls through a host with no room", fresh.Blobs(), 1)
+		f.bucket.WaitBlobs(t, "docker.io", fresh.Blobs(), 10*time.Second)
+		e := f.host(t, "", "--tag-ttl", "5m")
+		mustPull(t, e, "library/noroom", "1", fresh)
+		f.up.checkBlobGETs(t, "the next host's pull", fresh.Blobs(), 1)
+		if up := metric(t, e, "berth_upstream_bytes_total"); up != 0 {
+			t.Errorf("the next host fetched %.0f blob bytes from the upstream", up)
 		}
 	})
 	f.bucket.VerifyBlobs(t)
