@@ -73,6 +73,7 @@ func TestQuickRun(t *testing.T) {
 		"cold pull wall time, 3 concurrent pulls (s)",
 		"wall time 3 concurrent ÷ 1 cold pull",
 		"hot pull wall time, 3 concurrent pulls (s)",
+		"hot 3 concurrent ÷ 1 cold pull (this machine's floor)",
 		"hot blob: server CPU-s per GiB served, 2 clients",
 		"hot blob: server CPU ÷ nginx's (sendfile)",
 		"peak RSS, 3 clients streaming one 16 MiB blob, cold (MiB)",

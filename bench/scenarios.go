@@ -133,6 +133,7 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 	wallN := b.table.add(fmt.Sprintf("cold pull wall time, %d concurrent pulls (s)", o.wallN), "%.2f").informational()
 	ratio := b.table.add(fmt.Sprintf("wall time %d concurrent ÷ 1 cold pull", o.wallN), "%.2f").withGoal(1.5)
 	hotN := b.table.add(fmt.Sprintf("hot pull wall time, %d concurrent pulls (s)", o.wallN), "%.2f").informational()
+	floor := b.table.add(fmt.Sprintf("hot %d concurrent ÷ 1 cold pull (this machine's floor)", o.wallN), "%.2f").informational()
 
 	// One pull and wall-n pulls are timed, so they are repeated; other
 	// counts only measure bytes, which do not vary with noise, and run once.
@@ -143,6 +144,7 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 	timed := func(n int) bool { return n == 1 || n == o.wallN }
 	for rep := range o.reps {
 		walls := map[string]map[int]time.Duration{}
+		hots := map[string]time.Duration{}
 		for _, n := range ns {
 			if rep > 0 && !timed(n) {
 				continue
@@ -177,6 +179,7 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 				if n == o.wallN {
 					m.cell(wallN).add(wall.Seconds())
 					m.cell(hotN).add(res.hotWall.Seconds())
+					hots[m.name] = res.hotWall
 					b.logf("%s, %d hot pulls: %.2f s", m.name, n, res.hotWall.Seconds())
 				}
 			}
@@ -186,6 +189,7 @@ func (b *bench) scenarioPulls(ctx context.Context) error {
 			wn, okn := walls[m.name][o.wallN]
 			if ok1 && okn {
 				m.cell(ratio).add(wn.Seconds() / w1.Seconds())
+				m.cell(floor).add(hots[m.name].Seconds() / w1.Seconds())
 			}
 		}
 	}
