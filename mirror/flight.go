@@ -61,7 +61,8 @@ type source struct {
 }
 
 // idleTimeout ends a download whose source sends nothing for this long.
-const idleTimeout = 60 * time.Second
+// A variable for tests.
+var idleTimeout = 60 * time.Second
 
 // run copies src into w, publishing progress to readers, then commits.
 func (f *flight) run(w *storage.BlobWriter, src source, onBytes func(n int)) error {
@@ -132,18 +133,21 @@ func (f *flight) runRelay(src source, onBytes func(n int)) error {
 	f.stopRelay = sync.OnceFunc(func() { abandoned.Store(true); src.body.Close() })
 	f.mu.Unlock()
 	defer src.body.Close()
+	// The idle clock runs only while berth waits for the source, not while
+	// it waits for its readers.
 	timer := time.AfterFunc(idleTimeout, func() { src.body.Close() })
 	defer timer.Stop()
 	h := f.key.Digest.Algorithm().Hash()
 	ring := int64(len(f.ring))
 	for {
 		want := min(256<<10, ring-f.written%ring)
+		timer.Stop()
 		if err := f.makeRoom(want); err != nil {
 			return err
 		}
 		at := f.written % ring
-		n, rerr := src.body.Read(f.ring[at : at+want])
 		timer.Reset(idleTimeout)
+		n, rerr := src.body.Read(f.ring[at : at+want])
 		if n > 0 {
 			h.Write(f.ring[at : at+int64(n)])
 			onBytes(n)
@@ -239,8 +243,8 @@ func (f *flight) abandonedLocked() bool {
 func (f *flight) publish(n int64) {
 	f.mu.Lock()
 	if f.relay {
-		// A reader that had read all there was was waiting, not stalling:
-		// its relayStall counts from now.
+		// A reader that had read everything there was has been waiting,
+		// not stalling: its relayStall counts from now.
 		now := time.Now()
 		for r := range f.members {
 			if r.pos >= f.written-1 {

@@ -159,6 +159,37 @@ func TestRelayDropsAStuckClient(t *testing.T) {
 	}
 }
 
+// A relay waiting for a slow reader is not waiting for its source: the
+// source's idle timeout does not cut it.
+func TestRelayWaitingForAReaderIsNotIdle(t *testing.T) {
+	oldIdle := idleTimeout
+	idleTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { idleTimeout = oldIdle })
+	up, h, content, path := relayFixture(t, 27, 24<<20)
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	c := startClient(t, h, ctx, path)
+	var got []byte
+	buf := make([]byte, 2<<20)
+	for {
+		n, err := io.ReadFull(c.resp.Body, buf)
+		got = append(got, buf[:n]...)
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("after %d bytes: %v", len(got), err)
+		}
+		time.Sleep(400 * time.Millisecond) // slower than the idle timeout
+	}
+	if sha(got) != sha(content) {
+		t.Fatalf("slow client got %d bytes, not the blob", len(got))
+	}
+	if n := up.count("GET", path); n != 1 {
+		t.Fatalf("upstream GETs %d, want 1", n)
+	}
+}
+
 // When every client of a relay has gone there is nobody to download for:
 // the upstream request ends at once.
 func TestRelayStopsWhenItsClientsLeave(t *testing.T) {
