@@ -318,7 +318,7 @@ func (s *S3) PutBlob(ctx context.Context, k Key, f *os.File, size int64) error {
 
 // PutBlobStream uploads a blob read once, front to back, from r: for a host
 // that relays a blob it has no room to keep. The uploader holds at most
-// Concurrency parts of PartSize in memory. r must fail rather than end
+// Concurrency+1 parts of PartSize in memory. r must fail rather than end
 // when its content does not match k's digest: an upload whose body fails
 // is aborted and leaves no object.
 func (s *S3) PutBlobStream(ctx context.Context, k Key, r io.Reader) error {
