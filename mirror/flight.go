@@ -44,8 +44,7 @@ type flight struct {
 	base    int64 // relay: the lowest offset the ring still holds
 	done    bool
 	err     error
-	readers int
-	members map[*flightReader]struct{} // relay: the readers that hold the window back
+	members map[*flightReader]struct{} // the open readers; a relay's window waits for them
 	release func()                     // unpins the committed blob once the last reader is done
 	started chan struct{}
 }
@@ -120,8 +119,10 @@ var (
 
 // startRelay turns the flight into a relay; call it before started closes.
 func (f *flight) startRelay() {
-	f.relay = true
-	f.ring = make([]byte, relayWindow)
+	ring := make([]byte, relayWindow)
+	f.mu.Lock() // a reader may be closing already
+	f.relay, f.ring = true, ring
+	f.mu.Unlock()
 }
 
 // runRelay reads src through the ring, verifying the digest as a BlobWriter
@@ -226,18 +227,19 @@ func (f *flight) makeRoom(want int64) error {
 	}
 }
 
-// abandonedLocked reports a relay whose every client has gone, whose
-// download is therefore pointless. f.mu is held.
-func (f *flight) abandonedLocked() bool {
-	if !f.relay || f.done {
-		return false
+// abandonLocked returns what stops a relay whose every client has gone,
+// whose download is therefore pointless; nil while anyone still reads.
+// f.mu is held; call the result without it.
+func (f *flight) abandonLocked() func() {
+	if f.stopRelay == nil || f.done {
+		return nil
 	}
 	for r := range f.members {
 		if !r.canceled && !r.evicted {
-			return false
+			return nil
 		}
 	}
-	return true
+	return f.stopRelay
 }
 
 func (f *flight) publish(n int64) {
@@ -261,7 +263,7 @@ func (f *flight) finish(err error, release func()) {
 	f.mu.Lock()
 	f.done, f.err = true, err
 	f.release = release
-	noReaders := f.readers == 0
+	noReaders := len(f.members) == 0
 	f.mu.Unlock()
 	f.cond.Broadcast()
 	if noReaders {
@@ -287,7 +289,6 @@ func (f *flight) newReader(ctx context.Context) *flightReader {
 		f.mu.Unlock()
 		return nil
 	}
-	f.readers++
 	if f.members == nil {
 		f.members = map[*flightReader]struct{}{}
 	}
@@ -297,11 +298,10 @@ func (f *flight) newReader(ctx context.Context) *flightReader {
 	r.stop = context.AfterFunc(ctx, func() {
 		f.mu.Lock()
 		r.canceled = true
-		stop := f.stopRelay
-		gone := stop != nil && f.abandonedLocked()
+		stop := f.abandonLocked()
 		f.mu.Unlock()
 		f.cond.Broadcast()
-		if gone {
+		if stop != nil {
 			stop()
 		}
 	})
@@ -462,14 +462,15 @@ func (r *flightReader) Close() error {
 	}
 	f := r.f
 	f.mu.Lock()
-	f.readers--
 	delete(f.members, r)
-	last := f.readers == 0 && f.done
-	stop := f.stopRelay
-	gone := stop != nil && f.abandonedLocked()
+	last := len(f.members) == 0 && f.done
+	relay := f.relay
+	stop := f.abandonLocked()
 	f.mu.Unlock()
-	f.cond.Broadcast() // a relay may be waiting for this reader
-	if gone {
+	if relay {
+		f.cond.Broadcast() // the window may have waited for this reader
+	}
+	if stop != nil {
 		stop()
 	}
 	if last {

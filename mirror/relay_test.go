@@ -36,7 +36,6 @@ func cachedOnFullDisk(t *testing.T, h *harness, path string) {
 // relayClient is a GET of a blob whose body the test reads at its own pace.
 type relayClient struct {
 	resp *http.Response
-	err  error
 }
 
 func startClient(t *testing.T, h *harness, ctx context.Context, path string) *relayClient {
