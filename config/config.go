@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/berth-dev/berth/auth"
 )
 
 //go:embed default.yaml
@@ -27,13 +29,18 @@ var defaultYAML []byte
 // DefaultYAML is the embedded default configuration, as `berth config default` prints it.
 func DefaultYAML() []byte { return bytes.Clone(defaultYAML) }
 
-// DockerHub is the name clients use for Docker Hub; containerd also sends
-// the endpoint host in ?ns=, which Canonical folds into it.
+// DockerHub is the name clients use for Docker Hub. Its other names,
+// index.docker.io and the endpoint host registry-1.docker.io (which
+// containerd sends in ?ns=), are folded into it when a request's registry
+// is resolved to an upstream.
 const DockerHub = "docker.io"
 
 // Config is berth's whole configuration.
 type Config struct {
 	Listen          string              `yaml:"listen"`
+	FleetListen     string              `yaml:"fleet_listen"` // the fleet port; "": none
+	Fleet           Fleet               `yaml:"fleet"`
+	Auth            Auth                `yaml:"auth"`
 	Data            string              `yaml:"data"`
 	Log             Log                 `yaml:"log"`
 	Cache           Cache               `yaml:"cache"`
@@ -72,6 +79,39 @@ type Upstream struct {
 	InsecureSkipVerify bool   `yaml:"insecure_skip_verify"`
 }
 
+// Fleet holds the credentials of the fleet port (FleetListen), which other
+// machines use: peers streaming blobs, the node API, metrics and health.
+// The same files serve this host when it calls its peers.
+type Fleet struct {
+	// TokenFile holds bearer tokens, one a line (blank lines and # comments
+	// skipped). Every token is accepted; the first is the one this host
+	// sends to its peers.
+	TokenFile   string   `yaml:"token_file"`
+	MetricsAuth bool     `yaml:"metrics_auth"` // /metrics on the fleet port needs a credential too
+	TLS         FleetTLS `yaml:"tls"`
+}
+
+// FleetTLS is the fleet port's TLS, and how this host checks its peers'.
+type FleetTLS struct {
+	CertFile     string `yaml:"cert_file"`      // the fleet port's certificate, also presented to peers asking for one
+	KeyFile      string `yaml:"key_file"`       // its key
+	ClientCAFile string `yaml:"client_ca_file"` // set: clients must present a certificate signed by it (mutual TLS)
+	CAFile       string `yaml:"ca_file"`        // verifies peers' certificates; "": the system's CAs
+	ServerName   string `yaml:"server_name"`    // name peers' certificates are checked against; "": the host called
+}
+
+// Enabled reports whether the fleet port serves TLS.
+func (t FleetTLS) Enabled() bool { return t.CertFile != "" }
+
+// Mutual reports whether the fleet port requires client certificates.
+func (t FleetTLS) Mutual() bool { return t.ClientCAFile != "" }
+
+// Auth is the registry listener's optional pull authentication.
+type Auth struct {
+	HTPasswd string `yaml:"htpasswd"` // bcrypt htpasswd file; "": no authentication
+	Realm    string `yaml:"realm"`    // realm of the Basic challenge
+}
+
 // S3 is the fleet-wide shared tier; an empty Bucket disables it.
 type S3 struct {
 	Bucket    string   `yaml:"bucket"`
@@ -80,7 +120,7 @@ type S3 struct {
 	Endpoint  string   `yaml:"endpoint"`
 	PathStyle bool     `yaml:"path_style"`
 	LeaseTTL  Duration `yaml:"lease_ttl"`
-	Advertise string   `yaml:"advertise"` // URL other hosts reach this berth at
+	Advertise string   `yaml:"advertise"` // URL other hosts reach this berth's fleet port at
 }
 
 // String never shows credentials, so a Config can be logged.
@@ -244,6 +284,25 @@ func (c *Config) Validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		add("listen", "%q is not HOST:PORT", c.Listen)
 	}
+	if c.FleetListen != "" {
+		if _, _, err := net.SplitHostPort(c.FleetListen); err != nil {
+			add("fleet_listen", "%q is not HOST:PORT", c.FleetListen)
+		} else if overlaps(c.FleetListen, c.Listen) {
+			add("fleet_listen", "%s overlaps listen %s: the fleet port needs a port of its own", c.FleetListen, c.Listen)
+		}
+		if c.Fleet.TokenFile == "" && c.Fleet.TLS.ClientCAFile == "" {
+			add("fleet_listen", "needs fleet.token_file or fleet.tls.client_ca_file: the fleet port never runs without credentials")
+		}
+	}
+	c.validateFleetFiles(add)
+	if c.Auth.HTPasswd != "" {
+		if err := auth.CheckHTPasswd(c.Auth.HTPasswd); err != nil {
+			add("auth.htpasswd", "%v", err)
+		}
+		if c.Auth.Realm == "" {
+			add("auth.realm", "must not be empty with auth.htpasswd")
+		}
+	}
 	if c.Data == "" {
 		add("data", "must name a directory")
 	}
@@ -302,6 +361,10 @@ func (c *Config) Validate() error {
 		if c.S3.Advertise != "" {
 			if pu, err := url.Parse(c.S3.Advertise); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
 				add("s3.advertise", "%q is not an http:// or https:// URL", c.S3.Advertise)
+			} else if c.FleetListen != "" && c.Fleet.TLS.Enabled() && pu.Scheme != "https" {
+				add("s3.advertise", "%q: the fleet port serves TLS (fleet.tls.cert_file), so peers need an https:// URL", c.S3.Advertise)
+			} else if c.FleetListen != "" && !c.Fleet.TLS.Enabled() && pu.Scheme != "http" {
+				add("s3.advertise", "%q: the fleet port serves plain HTTP (no fleet.tls.cert_file), so peers need an http:// URL", c.S3.Advertise)
 			}
 		}
 		if c.S3.LeaseTTL <= 0 {
@@ -312,6 +375,78 @@ func (c *Config) Validate() error {
 		return errors.New("invalid configuration: " + strings.Join(errs, "; "))
 	}
 	return nil
+}
+
+// validateFleetFiles reads the fleet's token, certificate and CA files, as
+// berth will when it starts or reloads, and reports what it cannot use.
+func (c *Config) validateFleetFiles(add func(key, format string, a ...any)) {
+	f := c.Fleet
+	if f.TokenFile != "" {
+		if _, err := auth.LoadTokens(f.TokenFile); err != nil {
+			add("fleet.token_file", "%v", err) // names the file and line, never a token
+		}
+	}
+	switch {
+	case f.TLS.CertFile != "" && f.TLS.KeyFile == "":
+		add("fleet.tls.cert_file", "needs fleet.tls.key_file, its private key")
+	case f.TLS.CertFile == "" && f.TLS.KeyFile != "":
+		add("fleet.tls.key_file", "needs fleet.tls.cert_file, its certificate")
+	case f.TLS.CertFile != "":
+		if _, err := auth.LoadKeyPair(f.TLS.CertFile, f.TLS.KeyFile); err != nil {
+			add("fleet.tls.cert_file", "%v", err)
+		}
+	}
+	if f.TLS.ClientCAFile != "" {
+		if f.TLS.CertFile == "" && c.FleetListen != "" {
+			add("fleet.tls.client_ca_file", "needs fleet.tls.cert_file and fleet.tls.key_file: client certificates are checked only over TLS")
+		}
+		if _, err := auth.LoadCertPool(f.TLS.ClientCAFile); err != nil {
+			add("fleet.tls.client_ca_file", "%v", err)
+		}
+	}
+	if f.TLS.CAFile != "" {
+		if _, err := auth.LoadCertPool(f.TLS.CAFile); err != nil {
+			add("fleet.tls.ca_file", "%v", err)
+		}
+	}
+}
+
+// overlaps reports whether two listen addresses would take the same
+// socket: the same port on the same address, or on any address where one
+// is the wildcard ("", 0.0.0.0, ::). Port 0 (any free port) never overlaps.
+func overlaps(a, b string) bool {
+	ha, pa, errA := net.SplitHostPort(a)
+	hb, pb, errB := net.SplitHostPort(b)
+	if errA != nil || errB != nil {
+		return false
+	}
+	na, errA := net.LookupPort("tcp", pa)
+	nb, errB := net.LookupPort("tcp", pb)
+	if errA != nil || errB != nil || na != nb || na == 0 {
+		return false
+	}
+	ha, hb = listenHost(ha), listenHost(hb)
+	return ha == hb || ha == "*" || hb == "*"
+}
+
+// listenHost normalises a listen address's host: "*" for every address,
+// IPv4 in dotted form, localhost as the address Go listens on for it.
+func listenHost(h string) string {
+	h = strings.ToLower(h)
+	if h == "localhost" {
+		return "127.0.0.1"
+	}
+	if h == "" {
+		return "*"
+	}
+	ip := net.ParseIP(h)
+	if ip == nil {
+		return h
+	}
+	if ip.IsUnspecified() {
+		return "*"
+	}
+	return ip.String() // ::ffff:127.0.0.1 prints as 127.0.0.1
 }
 
 func validHost(h string) error {

@@ -14,6 +14,7 @@ import (
 type setting struct {
 	flag, key, env, usage string // key: the YAML key path it overrides
 	repeat                bool   // --upstream may be given many times; its variable is comma-separated
+	boolean               bool   // a switch: --flag alone means true, --flag=false turns it off
 	set                   func(c *Config, v string) error
 }
 
@@ -30,6 +31,17 @@ func durationSetting(dst func(c *Config) *Duration) func(*Config, string) error 
 
 func stringSetting(dst func(c *Config) *string) func(*Config, string) error {
 	return func(c *Config, v string) error { *dst(c) = v; return nil }
+}
+
+func boolSetting(dst func(c *Config) *bool) func(*Config, string) error {
+	return func(c *Config, v string) error {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			return fmt.Errorf("%q is not true or false", v)
+		}
+		*dst(c) = b
+		return nil
+	}
 }
 
 var settings = []setting{
@@ -66,19 +78,32 @@ var settings = []setting{
 		set: stringSetting(func(c *Config) *string { return &c.S3.Region })},
 	{flag: "s3-endpoint", key: "s3.endpoint", env: "BERTH_S3_ENDPOINT", usage: "S3 endpoint `URL` for MinIO, Ceph and other S3-compatible stores",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Endpoint })},
-	{flag: "s3-path-style", key: "s3.path_style", env: "BERTH_S3_PATH_STYLE", usage: "use path-style S3 addressing (`true` or false)",
-		set: func(c *Config, v string) error {
-			b, err := strconv.ParseBool(v)
-			if err != nil {
-				return fmt.Errorf("%q is not true or false", v)
-			}
-			c.S3.PathStyle = b
-			return nil
-		}},
-	{flag: "s3-advertise", key: "s3.advertise", env: "BERTH_S3_ADVERTISE", usage: "`URL` other hosts reach this berth at, so they stream a blob from it while it downloads (default none: they wait for the bucket)",
+	{flag: "s3-path-style", key: "s3.path_style", env: "BERTH_S3_PATH_STYLE", boolean: true, usage: "use path-style S3 addressing, as MinIO usually needs (default false)",
+		set: boolSetting(func(c *Config) *bool { return &c.S3.PathStyle })},
+	{flag: "s3-advertise", key: "s3.advertise", env: "BERTH_S3_ADVERTISE", usage: "`URL` of this berth's fleet port as other hosts reach it, so they stream a blob from it while it downloads (default none: they wait for the bucket)",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Advertise })},
 	{flag: "s3-lease-ttl", key: "s3.lease_ttl", env: "BERTH_S3_LEASE_TTL", usage: "`DURATION` one host may hold the right to fetch a blob (default 2m)",
 		set: durationSetting(func(c *Config) *Duration { return &c.S3.LeaseTTL })},
+	{flag: "fleet-listen", key: "fleet_listen", env: "BERTH_FLEET_LISTEN", usage: "`ADDR` of the fleet port for other hosts: peer streaming, node API, metrics, health (default none)",
+		set: stringSetting(func(c *Config) *string { return &c.FleetListen })},
+	{flag: "fleet-token-file", key: "fleet.token_file", env: "BERTH_FLEET_TOKEN_FILE", usage: "`FILE` of fleet bearer tokens, one a line; all are accepted, the first is sent to peers",
+		set: stringSetting(func(c *Config) *string { return &c.Fleet.TokenFile })},
+	{flag: "fleet-metrics-auth", key: "fleet.metrics_auth", env: "BERTH_FLEET_METRICS_AUTH", boolean: true, usage: "require a fleet credential for /metrics on the fleet port too (default false)",
+		set: boolSetting(func(c *Config) *bool { return &c.Fleet.MetricsAuth })},
+	{flag: "fleet-tls-cert", key: "fleet.tls.cert_file", env: "BERTH_FLEET_TLS_CERT", usage: "certificate `FILE` (PEM) of the fleet port, also shown to peers that ask for one",
+		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.CertFile })},
+	{flag: "fleet-tls-key", key: "fleet.tls.key_file", env: "BERTH_FLEET_TLS_KEY", usage: "private key `FILE` (PEM) of --fleet-tls-cert",
+		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.KeyFile })},
+	{flag: "fleet-client-ca", key: "fleet.tls.client_ca_file", env: "BERTH_FLEET_CLIENT_CA", usage: "CA `FILE` (PEM): the fleet port requires client certificates it signed (mutual TLS)",
+		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.ClientCAFile })},
+	{flag: "fleet-ca", key: "fleet.tls.ca_file", env: "BERTH_FLEET_CA", usage: "CA `FILE` (PEM) that peers' fleet port certificates must chain to (default the system's CAs)",
+		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.CAFile })},
+	{flag: "fleet-tls-server-name", key: "fleet.tls.server_name", env: "BERTH_FLEET_TLS_SERVER_NAME", usage: "`NAME` peers' certificates are checked against (default the host of the peer's URL)",
+		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.ServerName })},
+	{flag: "htpasswd", key: "auth.htpasswd", env: "BERTH_HTPASSWD", usage: "htpasswd `FILE` (bcrypt): pulls on --listen need a user and password (default none)",
+		set: stringSetting(func(c *Config) *string { return &c.Auth.HTPasswd })},
+	{flag: "auth-realm", key: "auth.realm", env: "BERTH_AUTH_REALM", usage: "`REALM` of the registry listener's Basic challenge (default berth)",
+		set: stringSetting(func(c *Config) *string { return &c.Auth.Realm })},
 }
 
 // setUpstream adds one HOST=URL. The first one given on a command line or in
@@ -110,15 +135,32 @@ type override struct {
 }
 
 // BindFlags registers every setting on fs; values land in o when fs parses.
+// A boolean setting is a switch, as in any Go command: --s3-path-style alone
+// means true, --s3-path-style=false turns it off.
 func (o *Overrides) BindFlags(fs *flag.FlagSet) {
 	for i := range settings {
 		s := &settings[i]
-		fs.Func(s.flag, s.usage+" [$"+s.env+"]", func(v string) error {
-			o.values = append(o.values, override{s: s, origin: "--" + s.flag, value: v})
-			return nil
-		})
+		fs.Var(flagValue{o: o, s: s}, s.flag, s.usage+" [$"+s.env+"]")
 	}
 }
+
+// flagValue records a flag's value in Overrides; Apply checks and sets it,
+// so errors name the flag the same way whatever the kind of setting.
+type flagValue struct {
+	o *Overrides
+	s *setting
+}
+
+func (v flagValue) Set(value string) error {
+	v.o.values = append(v.o.values, override{s: v.s, origin: "--" + v.s.flag, value: value})
+	return nil
+}
+
+// String is "": each usage line states its default, from the embedded file.
+func (v flagValue) String() string { return "" }
+
+// IsBoolFlag makes flag accept a boolean setting without a value.
+func (v flagValue) IsBoolFlag() bool { return v.s != nil && v.s.boolean }
 
 // ReadEnv records the BERTH_* variables found by lookup (os.LookupEnv).
 // They are recorded before flags parse so that flags win.
