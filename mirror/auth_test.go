@@ -24,6 +24,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/berth-dev/berth/config"
+	"github.com/berth-dev/berth/engine"
 	"github.com/berth-dev/berth/storage"
 )
 
@@ -98,12 +99,13 @@ func newAuthMirror(t *testing.T, up config.Upstream) (*httptest.Server, *bytes.B
 	logger := logrus.New()
 	logger.SetOutput(&logs)
 	logger.SetLevel(logrus.DebugLevel)
-	srv, err := New(cfg, local, prometheus.NewRegistry(), logrus.NewEntry(logger))
+	reg := prometheus.NewRegistry()
+	eng, err := engine.New(engine.Options{Config: cfg, Local: local, Metrics: reg, Log: logrus.NewEntry(logger)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	hs := httptest.NewServer(srv)
-	t.Cleanup(func() { hs.Close(); srv.Close() })
+	hs := httptest.NewServer(New(eng, reg, logrus.NewEntry(logger)))
+	t.Cleanup(func() { hs.Close(); eng.Close() })
 	return hs, &logs
 }
 

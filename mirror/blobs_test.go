@@ -6,13 +6,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
-	"os"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/opencontainers/go-digest"
 
@@ -363,41 +359,6 @@ func TestBlobWithoutContentLengthMetrics(t *testing.T) {
 	h.wantMetric("berth_bytes_served_total", map[string]string{"source": "local"}, float64(len(content)))
 }
 
-// A client that joined a download of unknown length which then finished
-// before the client looked at it must still get the blob.
-func TestServeFlightFinishedWithUnknownSize(t *testing.T) {
-	up := newFakeUpstream(t)
-	h := newHarness(t, up)
-	content := randomBytes(10, 4096)
-	d := up.pushBlob("org/app", content)
-	key := blobKey(d)
-	w, err := h.local.CreateBlob(key, -1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rf, err := os.Open(w.Path())
-	if err != nil {
-		t.Fatal(err)
-	}
-	w.Write(content)
-	if err := w.Commit(); err != nil {
-		t.Fatal(err)
-	}
-	fl := &flight{key: key, size: -1, rf: rf, started: make(chan struct{})}
-	fl.cond = sync.NewCond(&fl.mu)
-	close(fl.started)
-	req := httptest.NewRequest("GET", blobPath("library/app", d), nil)
-	rd := fl.newReader(req.Context())
-	fl.publish(int64(len(content)))
-	fl.finish(nil, nil)
-	_, ups := h.srv.config()
-	rec := httptest.NewRecorder()
-	h.srv.serveFlight(rec, req, rd, ups[config.DockerHub], "org/app")
-	if rec.Code != 200 || !bytes.Equal(rec.Body.Bytes(), content) {
-		t.Fatalf("finished flight of unknown size: status %d, %d bytes: %.200s", rec.Code, rec.Body.Len(), rec.Body.Bytes())
-	}
-}
-
 func TestBlobHeadUncachedAsksUpstreamOnly(t *testing.T) {
 	up, h, _, d, path := newBlobFixture(t, 11, 5000)
 	r := h.do("HEAD", path)
@@ -427,7 +388,7 @@ func TestCloseDiscardsDownloadsInProgress(t *testing.T) {
 	eventually(t, "partial download on disk", func() bool { return !h.tmpEmpty() })
 	cancel()
 	done := make(chan struct{})
-	go func() { h.srv.Close(); close(done) }()
+	go func() { h.eng.Close(); close(done) }()
 	if _, err := within(done, testTimeout); err != nil {
 		t.Fatal("Close did not return while a download was stalled")
 	}
@@ -477,51 +438,4 @@ func TestRestartServesOnlyCommittedBlobs(t *testing.T) {
 	}
 	wantOK(t, h2.get(blobPath("org/app", dDone)), done)
 	errorCode(t, h2.get(blobPath("org/app", dPartial)), http.StatusServiceUnavailable, "UNAVAILABLE")
-}
-
-// A reader gets every byte but the last while the download runs; the last
-// comes only with a verified commit, so corrupt content is never whole.
-func TestFlightHoldsBackLastByteUntilVerified(t *testing.T) {
-	for _, verified := range []bool{true, false} {
-		f, err := os.CreateTemp(t.TempDir(), "flight")
-		if err != nil {
-			t.Fatal(err)
-		}
-		content := randomBytes(50, 1000)
-		f.Write(content)
-		fl := &flight{size: int64(len(content)), rf: f, started: make(chan struct{})}
-		fl.cond = sync.NewCond(&fl.mu)
-		close(fl.started)
-		rd := fl.newReader(context.Background())
-		fl.publish(int64(len(content)))
-		buf := make([]byte, len(content))
-		if _, err := io.ReadFull(rd, buf[:len(content)-1]); err != nil {
-			t.Fatalf("reading what has arrived: %v", err)
-		}
-		last := make(chan error, 1)
-		go func() {
-			n, err := rd.Read(buf[len(content)-1:])
-			if n > 0 {
-				err = fmt.Errorf("got the last byte (err %v)", err)
-			}
-			last <- err
-		}()
-		// The reader must still be waiting when the verdict comes; a reader
-		// that got the last byte early answers at once.
-		if err, e := within(last, 200*time.Millisecond); e == nil {
-			t.Fatalf("last byte released before the download finished: %v", err)
-		}
-		if verified {
-			fl.finish(nil, nil)
-			if err, e := within(last, testTimeout); e != nil || err == nil || !strings.Contains(err.Error(), "got the last byte") {
-				t.Fatalf("after a verified commit the reader did not get the last byte: %v %v", err, e)
-			}
-		} else {
-			fl.finish(storage.ErrDigestMismatch, nil)
-			if err, e := within(last, testTimeout); e != nil || err != errFlightAborted {
-				t.Fatalf("after a failed verification the reader got %v %v, want errFlightAborted", err, e)
-			}
-		}
-		rd.Close()
-	}
 }

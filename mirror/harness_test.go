@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"math/rand"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -33,6 +32,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/berth-dev/berth/config"
+	"github.com/berth-dev/berth/engine"
 	"github.com/berth-dev/berth/internal/testsupport"
 	"github.com/berth-dev/berth/storage"
 )
@@ -278,6 +278,7 @@ type harness struct {
 	root  string
 	local *storage.Local
 	srv   *Server
+	eng   *engine.Engine
 	ts    *httptest.Server
 	reg   *prometheus.Registry
 	cfg   *config.Config
@@ -286,9 +287,10 @@ type harness struct {
 }
 
 type setup struct {
-	cfg   *config.Config
-	local storage.LocalOptions
-	root  string // reuse a data directory
+	cfg    *config.Config
+	local  storage.LocalOptions
+	root   string         // reuse a data directory
+	engine engine.Options // timeouts; the harness fills in the rest
 }
 
 func newHarness(t *testing.T, up *fakeUpstream, opts ...func(*setup)) *harness {
@@ -314,11 +316,14 @@ func newHarness(t *testing.T, up *fakeUpstream, opts ...func(*setup)) *harness {
 	logger := logrus.New()
 	logger.SetOutput(io.Discard)
 	reg := prometheus.NewRegistry()
-	srv, err := New(s.cfg, local, reg, logrus.NewEntry(logger))
+	o := s.engine
+	o.Config, o.Local, o.Metrics, o.Log = s.cfg, local, reg, logrus.NewEntry(logger)
+	eng, err := engine.New(o)
 	if err != nil {
-		t.Fatalf("mirror.New: %v", err)
+		t.Fatalf("engine.New: %v", err)
 	}
-	h := &harness{t: t, up: up, root: s.root, local: local, srv: srv, reg: reg, cfg: s.cfg}
+	srv := New(eng, reg, o.Log)
+	h := &harness{t: t, up: up, root: s.root, local: local, srv: srv, eng: eng, reg: reg, cfg: s.cfg}
 	h.ts = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h.active.Add(1)
 		defer h.active.Add(-1)
@@ -326,7 +331,7 @@ func newHarness(t *testing.T, up *fakeUpstream, opts ...func(*setup)) *harness {
 	}))
 	// Cleanups run last-registered first: free hung upstream handlers, let
 	// berth's handlers finish, stop its downloads, then the upstream goes.
-	t.Cleanup(srv.Close)
+	t.Cleanup(eng.Close)
 	t.Cleanup(h.ts.Close)
 	if up != nil {
 		t.Cleanup(up.release)
@@ -503,13 +508,7 @@ func labelsMatch(m *dto.Metric, want map[string]string) bool {
 // eventually polls cond until it holds or the test timeout passes.
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(testTimeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	testsupport.Eventually(t, what, testTimeout, cond)
 }
 
 func (h *harness) tmpEmpty() bool {
@@ -531,12 +530,7 @@ func (h *harness) ageTag(upstream, repo, tag string) {
 	}
 }
 
-// randomBytes returns deterministic pseudo-random content.
-func randomBytes(seed int64, n int) []byte {
-	b := make([]byte, n)
-	rand.New(rand.NewSource(seed)).Read(b)
-	return b
-}
+func randomBytes(seed int64, n int) []byte { return testsupport.RandomBytes(seed, n) }
 
 // closedPortURL is an http URL nothing listens on.
 func closedPortURL(t *testing.T) string {

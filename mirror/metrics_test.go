@@ -138,21 +138,21 @@ func TestUpstreamUnreachableAtStart(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	if err := h.srv.PingUpstream(config.DockerHub)(ctx); err == nil {
+	if err := h.eng.PingUpstream(config.DockerHub)(ctx); err == nil {
 		t.Fatal("PingUpstream of a closed port reported healthy")
 	}
-	if err := h.srv.PingUpstream("ghcr.io")(ctx); err == nil {
+	if err := h.eng.PingUpstream("ghcr.io")(ctx); err == nil {
 		t.Fatal("PingUpstream of an unconfigured registry reported healthy")
 	}
-	if err := warm.srv.PingUpstream(config.DockerHub)(ctx); err != nil {
+	if err := warm.eng.PingUpstream(config.DockerHub)(ctx); err != nil {
 		t.Fatalf("PingUpstream of a live registry: %v", err)
 	}
 	up.set("GET", "/v2/", status(http.StatusServiceUnavailable))
-	if err := warm.srv.PingUpstream(config.DockerHub)(ctx); err == nil {
+	if err := warm.eng.PingUpstream(config.DockerHub)(ctx); err == nil {
 		t.Fatal("PingUpstream of a registry answering 503 reported healthy")
 	}
 	up.set("GET", "/v2/", status(http.StatusUnauthorized, "WWW-Authenticate", `Bearer realm="x"`))
-	if err := warm.srv.PingUpstream(config.DockerHub)(ctx); err != nil {
+	if err := warm.eng.PingUpstream(config.DockerHub)(ctx); err != nil {
 		t.Fatalf("PingUpstream of a registry that wants a token: %v", err)
 	}
 }

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/opencontainers/go-digest"
+
+	"github.com/berth-dev/berth/engine"
 )
 
 // A disk with no room: every blob has to be relayed.
@@ -17,10 +19,10 @@ func fullDisk(s *setup) { s.local.FreeSpace = func(string) (int64, error) { retu
 
 // relayFixture is a berth with a full disk and an upstream holding one blob
 // of size random bytes.
-func relayFixture(t *testing.T, seed int64, size int) (up *fakeUpstream, h *harness, content []byte, path string) {
+func relayFixture(t *testing.T, seed int64, size int, opts ...func(*setup)) (up *fakeUpstream, h *harness, content []byte, path string) {
 	t.Helper()
 	up = newFakeUpstream(t)
-	h = newHarness(t, up, fullDisk)
+	h = newHarness(t, up, append([]func(*setup){fullDisk}, opts...)...)
 	content = randomBytes(seed, size)
 	return up, h, content, blobPath("org/app", up.pushBlob("org/app", content))
 }
@@ -59,7 +61,7 @@ func (c *relayClient) readRest(head []byte) ([]byte, error) {
 }
 
 func TestRelayConcurrentClientsShareOneDownload(t *testing.T) {
-	up, h, content, path := relayFixture(t, 21, 3*relayWindow+12345)
+	up, h, content, path := relayFixture(t, 21, 3*engine.RelayWindow+12345)
 	gate := make(chan struct{})
 	up.set("GET", path, up.pauseAfter(8<<10, gate, nil))
 
@@ -105,12 +107,12 @@ func TestRelayConcurrentClientsShareOneDownload(t *testing.T) {
 // A client that joins once the window has moved past the blob's start
 // gets a download of its own.
 func TestRelayLateClientGetsItsOwnDownload(t *testing.T) {
-	up, h, content, path := relayFixture(t, 22, 4*relayWindow)
+	up, h, content, path := relayFixture(t, 22, 4*engine.RelayWindow)
 
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
 	first := startClient(t, h, ctx, path)
-	head := make([]byte, 2*relayWindow) // the ring has wrapped
+	head := make([]byte, 2*engine.RelayWindow) // the ring has wrapped
 	if _, err := io.ReadFull(first.resp.Body, head); err != nil {
 		t.Fatal(err)
 	}
@@ -127,12 +129,9 @@ func TestRelayLateClientGetsItsOwnDownload(t *testing.T) {
 
 // A client that stops reading is dropped after relayStall; the others finish.
 func TestRelayDropsAStuckClient(t *testing.T) {
-	old := relayStall
-	relayStall = time.Second
-	t.Cleanup(func() { relayStall = old })
 	// Larger than the window plus what loopback sockets buffer for the
 	// stuck client, so the relay really has to wait for it.
-	up, h, content, path := relayFixture(t, 23, 48<<20)
+	up, h, content, path := relayFixture(t, 23, 48<<20, func(s *setup) { s.engine.RelayStall = time.Second })
 	gate := make(chan struct{})
 	up.set("GET", path, up.pauseAfter(8<<10, gate, nil))
 
@@ -161,10 +160,7 @@ func TestRelayDropsAStuckClient(t *testing.T) {
 // A relay waiting for a slow reader is not waiting for its source: the
 // source's idle timeout does not cut it.
 func TestRelayWaitingForAReaderIsNotIdle(t *testing.T) {
-	oldIdle := idleTimeout
-	idleTimeout = 300 * time.Millisecond
-	t.Cleanup(func() { idleTimeout = oldIdle })
-	up, h, content, path := relayFixture(t, 27, 24<<20)
+	up, h, content, path := relayFixture(t, 27, 24<<20, func(s *setup) { s.engine.SourceIdleTimeout = 300 * time.Millisecond })
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
 	c := startClient(t, h, ctx, path)
@@ -212,9 +208,7 @@ func TestRelayStopsWhenItsClientsLeave(t *testing.T) {
 		t.Fatal("the upstream request outlived the relay's last client")
 	}
 	eventually(t, "the relay ended", func() bool {
-		h.srv.mu.Lock()
-		defer h.srv.mu.Unlock()
-		return len(h.srv.flights) == 0
+		return h.eng.Downloads() == 0
 	})
 	h.wantMetric("berth_inflight_fetches", nil, 0)
 	// Nothing stuck: the next request relays afresh.
@@ -223,7 +217,7 @@ func TestRelayStopsWhenItsClientsLeave(t *testing.T) {
 }
 
 func TestRelayWithoutContentLength(t *testing.T) {
-	up, h, content, path := relayFixture(t, 25, relayWindow+777)
+	up, h, content, path := relayFixture(t, 25, engine.RelayWindow+777)
 	up.set("GET", path, chunked())
 	wantOK(t, h.get(path), content)
 	cachedOnFullDisk(t, h, path)
@@ -232,7 +226,7 @@ func TestRelayWithoutContentLength(t *testing.T) {
 // A relay verifies like a cached download: corrupt content reaches every
 // client cut short, never whole.
 func TestRelayCorruptBlobIsCutForEveryClient(t *testing.T) {
-	up, h, content, path := relayFixture(t, 26, 2*relayWindow)
+	up, h, content, path := relayFixture(t, 26, 2*engine.RelayWindow)
 	gate := make(chan struct{})
 	up.set("GET", path, up.pauseAfter(8<<10, gate, func(b []byte) { b[len(b)-1] ^= 1 }))
 

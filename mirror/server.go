@@ -1,17 +1,16 @@
-// Package mirror is berth's registry API and pull-through engine: it
-// answers the pull side of the OCI distribution API from the local cache
-// and fetches what it lacks from the configured upstreams, once.
+// Package mirror is berth's registry API: the pull side of the OCI
+// distribution API as a thin adapter over the engine, which does the
+// caching and fetching.
 package mirror
 
 import (
-	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/distribution/distribution/v3/registry/api/errcode"
@@ -21,48 +20,21 @@ import (
 	"github.com/opencontainers/go-digest"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/sirupsen/logrus"
-	"golang.org/x/sync/singleflight"
 
-	"github.com/berth-dev/berth/config"
-	"github.com/berth-dev/berth/storage"
+	"github.com/berth-dev/berth/engine"
 )
 
 // Server is the registry API of one berth.
 type Server struct {
-	local   *storage.Local
+	eng     *engine.Engine
 	log     *logrus.Entry
 	metrics *metrics
-	sharedT *sharedTier
 	router  *mux.Router
-
-	// downloadCtx outlives requests: downloads are shared and finish even
-	// when the client that started them leaves. Close cancels it.
-	downloadCtx    context.Context
-	cancelDownload context.CancelFunc
-	wg             sync.WaitGroup
-
-	mu      sync.Mutex
-	flights map[storage.Key]*flight
-
-	settings sync.RWMutex
-	cfg      *config.Config
-	ups      map[string]*upstream
-
-	revalidate   singleflight.Group // tag revalidations and manifest fetches
-	revalStarted sync.Map           // revalidate key -> time.Time it started
-	tagLists     sync.Map           // tag list cache: upstream+"/"+repo -> tagList
 }
 
-// New builds a Server over the local tier. Upstreams come from cfg.
-func New(cfg *config.Config, local *storage.Local, reg prometheus.Registerer, log *logrus.Entry) (*Server, error) {
-	s := &Server{local: local, log: log, flights: map[storage.Key]*flight{}}
-	if err := s.Reload(cfg); err != nil {
-		return nil, err
-	}
-	s.metrics = newMetrics(reg, local)
-	s.sharedT = newSharedMetrics(reg)
-	local.OnEvict(s.metrics.evicted)
-	s.downloadCtx, s.cancelDownload = context.WithCancel(context.Background())
+// New builds the registry API over eng; its request metrics go to reg.
+func New(eng *engine.Engine, reg prometheus.Registerer, log *logrus.Entry) *Server {
+	s := &Server{eng: eng, log: log, metrics: newMetrics(reg)}
 	s.router = v2.RouterWithPrefix("")
 	s.router.GetRoute(v2.RouteNameBase).Handler(s.handle("base", s.serveBase))
 	s.router.GetRoute(v2.RouteNameManifest).Handler(s.handle("manifest", s.routeManifest))
@@ -72,60 +44,33 @@ func New(cfg *config.Config, local *storage.Local, reg prometheus.Registerer, lo
 	s.router.GetRoute(v2.RouteNameBlobUpload).Handler(s.handle("write", s.rejectWrite))
 	s.router.GetRoute(v2.RouteNameBlobUploadChunk).Handler(s.handle("write", s.rejectWrite))
 	s.router.NotFoundHandler = s.handle("other", s.notFound)
-	return s, nil
-}
-
-// Reload swaps in new upstreams and TTLs; in-flight requests finish with the old ones.
-func (s *Server) Reload(cfg *config.Config) error {
-	ups := map[string]*upstream{}
-	for host, c := range cfg.Upstreams {
-		u, err := newUpstream(host, c)
-		if err != nil {
-			return err
-		}
-		ups[host] = u
-	}
-	s.settings.Lock()
-	s.cfg, s.ups = cfg.Clone(), ups
-	s.settings.Unlock()
-	s.tagLists.Clear()
-	return nil
-}
-
-func (s *Server) config() (*config.Config, map[string]*upstream) {
-	s.settings.RLock()
-	defer s.settings.RUnlock()
-	return s.cfg, s.ups
+	return s
 }
 
 // ServeHTTP answers the /v2/ API.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.router.ServeHTTP(w, r) }
 
-// Close stops downloads still running; call it after the HTTP server has
-// drained, so their temp files are removed and nothing partial remains.
-func (s *Server) Close() {
-	s.cancelDownload()
-	s.wg.Wait()
-}
-
-func (s *Server) handle(kind string, h http.HandlerFunc) http.Handler {
+func (s *Server) handle(kind string, h func(*responseWriter, *http.Request)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		sw := &statusWriter{ResponseWriter: w}
-		sw.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+		rw := &responseWriter{ResponseWriter: w}
+		rw.onHeader = func() { s.metrics.duration.WithLabelValues(kind).Observe(time.Since(start).Seconds()) }
+		rw.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
 		defer func() {
-			code := sw.status
+			code := rw.status
 			if code == 0 {
 				code = http.StatusOK
 			}
 			s.metrics.requests.WithLabelValues(kind, r.Method, strconv.Itoa(code)).Inc()
+			if rw.source != "" {
+				s.metrics.bytesServed.WithLabelValues(rw.source).Add(float64(rw.n))
+			}
 		}()
-		sw.onHeader = func() { s.metrics.duration.WithLabelValues(kind).Observe(time.Since(start).Seconds()) }
-		h(sw, r)
+		h(rw, r)
 	})
 }
 
-func (s *Server) serveBase(w http.ResponseWriter, r *http.Request) {
+func (s *Server) serveBase(w *responseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Content-Length", "2")
 	w.WriteHeader(http.StatusOK)
@@ -134,12 +79,12 @@ func (s *Server) serveBase(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (s *Server) rejectWrite(w http.ResponseWriter, r *http.Request) {
+func (s *Server) rejectWrite(w *responseWriter, r *http.Request) {
 	serveError(w, errcode.ErrorCodeUnsupported.WithMessage("berth is a read-only mirror: push, delete and mount are not supported").WithDetail(map[string]string{"method": r.Method}))
 }
 
 // methodAllowed rejects writes on read routes with UNSUPPORTED.
-func (s *Server) methodAllowed(w http.ResponseWriter, r *http.Request) bool {
+func (s *Server) methodAllowed(w *responseWriter, r *http.Request) bool {
 	if r.Method == http.MethodGet || r.Method == http.MethodHead {
 		return true
 	}
@@ -167,74 +112,61 @@ type discardHeader struct{ http.ResponseWriter }
 
 func (discardHeader) WriteHeader(int) {}
 
-// A route's target: which upstream and which repository there.
-type target struct {
-	up   *upstream
-	repo string
+// engineError answers a request the engine could not serve.
+func (s *Server) engineError(w http.ResponseWriter, err error, notFound errcode.ErrorCode) {
+	var ue *engine.UpstreamError
+	errors.As(err, &ue)
+	switch engine.KindOf(err) {
+	case engine.KindDigestMismatch:
+		serveError(w, errcode.ErrorCodeUnavailable.WithMessage("upstream sent content that does not match its digest; nothing was kept"))
+	case engine.KindNotFound:
+		serveError(w, notFound.WithMessage("not found at upstream "+ue.Host))
+	case engine.KindRateLimited:
+		if ra := engine.RetryAfter(err); ra != "" {
+			w.Header().Set("Retry-After", ra)
+		}
+		serveError(w, errcode.ErrorCodeTooManyRequests.WithMessage("upstream "+ue.Host+" is rate limiting berth and nothing is cached"))
+	case engine.KindDenied:
+		serveError(w, errcode.ErrorCodeDenied.WithMessage("upstream "+ue.Host+" denied access (repository missing, private, or berth's credentials lack access)"))
+	case engine.KindInvalidName:
+		serveError(w, v2.ErrorCodeNameInvalid.WithMessage(err.Error()))
+	case engine.KindUnknownRegistry:
+		serveError(w, v2.ErrorCodeNameUnknown.WithMessage(err.Error()))
+	case engine.KindInvalidReference:
+		serveError(w, v2.ErrorCodeDigestInvalid.WithMessage(err.Error()))
+	case engine.KindUnavailable:
+		serveError(w, errcode.ErrorCodeUnavailable.WithMessage(err.Error()))
+	default:
+		s.log.WithError(err).Warn("request failed")
+		serveError(w, errcode.ErrorCodeUnavailable.WithMessage("berth could not serve this: "+err.Error()))
+	}
 }
 
-// dockerHubAliases are the names containerd and others use for Docker Hub.
-var dockerHubAliases = map[string]bool{"docker.io": true, "index.docker.io": true, "registry-1.docker.io": true}
-
-func canonicalHost(h string) string {
-	h = strings.ToLower(h)
-	if dockerHubAliases[h] {
-		return config.DockerHub
-	}
-	return h
-}
-
-// resolve maps a request's name to an upstream: containerd's ?ns=, a first
-// path component naming a registry (CRI-O), or the default upstream.
-func (s *Server) resolve(r *http.Request, name string) (target, *errcode.Error) {
-	cfg, ups := s.config()
-	host := ""
-	if ns := r.URL.Query().Get("ns"); ns != "" {
-		host = canonicalHost(ns)
-	} else if first, rest, ok := strings.Cut(name, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
-		host, name = canonicalHost(first), rest
-	} else {
-		host = cfg.DefaultUpstream
-	}
-	// The router lets an upper-case first component through as a registry
-	// host; when it names none it is part of the repository name, which
-	// must be lower case.
-	if name != strings.ToLower(name) {
-		e := errcode.Error{Code: v2.ErrorCodeNameInvalid, Message: fmt.Sprintf("invalid repository name %q: must be lower case", name)}
-		return target{}, &e
-	}
-	up, ok := ups[host]
-	if !ok {
-		for _, u := range ups { // ns may name the endpoint rather than the registry
-			if strings.EqualFold(u.endpoint.Host, host) {
-				up, ok = u, true
-				break
-			}
+// resolve maps a request's name to a repository: containerd's ?ns=, a
+// first path component naming a registry (CRI-O), or the default upstream.
+func (s *Server) resolve(r *http.Request, name string) (engine.Repo, error) {
+	registry := r.URL.Query().Get("ns")
+	if registry == "" {
+		if first, rest, ok := strings.Cut(name, "/"); ok && (strings.ContainsAny(first, ".:") || first == "localhost") {
+			registry, name = first, rest
 		}
 	}
-	if !ok {
-		e := errcode.Error{Code: v2.ErrorCodeNameUnknown, Message: fmt.Sprintf("registry %s is not an upstream of this berth (configured: %s)", host, strings.Join(cfg.UpstreamHosts(), ", "))}
-		return target{}, &e
-	}
-	if up.host == config.DockerHub && !strings.Contains(name, "/") {
-		name = "library/" + name
-	}
-	return target{up: up, repo: name}, nil
+	return s.eng.Resolve(registry, name)
 }
 
 // readTarget admits GET and HEAD and resolves the route's name; on
 // failure it has answered already.
-func (s *Server) readTarget(w http.ResponseWriter, r *http.Request) (target, map[string]string, bool) {
+func (s *Server) readTarget(w *responseWriter, r *http.Request) (engine.Repo, map[string]string, bool) {
 	if !s.methodAllowed(w, r) {
-		return target{}, nil, false
+		return engine.Repo{}, nil, false
 	}
 	vars := mux.Vars(r)
-	t, e := s.resolve(r, vars["name"])
-	if e != nil {
-		serveError(w, *e)
-		return target{}, nil, false
+	repo, err := s.resolve(r, vars["name"])
+	if err != nil {
+		s.engineError(w, err, v2.ErrorCodeNameUnknown)
+		return engine.Repo{}, nil, false
 	}
-	return t, vars, true
+	return repo, vars, true
 }
 
 func parseDigest(w http.ResponseWriter, ref string) (digest.Digest, bool) {
@@ -246,31 +178,6 @@ func parseDigest(w http.ResponseWriter, ref string) (digest.Digest, bool) {
 	return d, true
 }
 
-func (s *Server) routeManifest(w http.ResponseWriter, r *http.Request) {
-	t, vars, ok := s.readTarget(w, r)
-	if !ok {
-		return
-	}
-	ref := vars["reference"]
-	if !strings.Contains(ref, ":") {
-		s.serveManifestByTag(w, r, t, ref)
-		return
-	}
-	if d, ok := parseDigest(w, ref); ok {
-		s.serveManifestByDigest(w, r, t, d)
-	}
-}
-
-func (s *Server) routeBlob(w http.ResponseWriter, r *http.Request) {
-	t, vars, ok := s.readTarget(w, r)
-	if !ok {
-		return
-	}
-	if d, ok := parseDigest(w, vars["digest"]); ok {
-		s.serveBlob(w, r, t.up, t.repo, d)
-	}
-}
-
 var (
 	anchoredName = regexp.MustCompile(`^` + reference.NameRegexp.String() + `$`)
 	anchoredTag  = regexp.MustCompile(`^` + reference.TagRegexp.String() + `$`)
@@ -278,7 +185,7 @@ var (
 
 // notFound explains paths the router did not match: mostly a bad name,
 // tag or digest in an otherwise well-formed request.
-func (s *Server) notFound(w http.ResponseWriter, r *http.Request) {
+func (s *Server) notFound(w *responseWriter, r *http.Request) {
 	p := r.URL.Path
 	if !strings.HasPrefix(p, "/v2/") {
 		http.NotFound(w, r)
@@ -306,57 +213,4 @@ func (s *Server) notFound(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	serveError(w, v2.ErrorCodeNameUnknown.WithMessage("no such API path: "+p))
-}
-
-// statusWriter records the status for metrics and forwards ReadFrom so
-// sendfile survives the wrapping.
-type statusWriter struct {
-	http.ResponseWriter
-	status   int
-	onHeader func()
-}
-
-func (s *statusWriter) WriteHeader(code int) {
-	if s.status == 0 {
-		s.status = code
-		if s.onHeader != nil {
-			s.onHeader()
-		}
-	}
-	s.ResponseWriter.WriteHeader(code)
-}
-
-func (s *statusWriter) Write(p []byte) (int, error) {
-	if s.status == 0 {
-		s.WriteHeader(http.StatusOK)
-	}
-	return s.ResponseWriter.Write(p)
-}
-
-func (s *statusWriter) ReadFrom(r io.Reader) (int64, error) {
-	if s.status == 0 {
-		s.WriteHeader(http.StatusOK)
-	}
-	if rf, ok := s.ResponseWriter.(io.ReaderFrom); ok {
-		return rf.ReadFrom(r)
-	}
-	return io.Copy(struct{ io.Writer }{s.ResponseWriter}, r)
-}
-
-func (s *statusWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
-
-// upstreamDo sends a request upstream and counts it.
-func (s *Server) upstreamDo(ctx context.Context, up *upstream, repo, op, method, url string, hdr http.Header) (*http.Response, error) {
-	resp, err := up.do(ctx, repo, method, url, hdr)
-	code := 0
-	if err == nil {
-		code = resp.StatusCode
-	} else if ue, ok := asUpstreamError(err); ok {
-		code = ue.status
-		if ue.unavailable() {
-			s.metrics.upstreamErrs.WithLabelValues(up.host, op).Inc()
-		}
-	}
-	s.metrics.upstreamReqs.WithLabelValues(up.host, op, strconv.Itoa(code)).Inc()
-	return resp, err
 }

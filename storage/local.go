@@ -10,8 +10,10 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -38,15 +40,38 @@ type Local struct {
 	mu    sync.Mutex
 	index map[Key]*entry
 	lru   *list.List // front = most recently used
-	total int64
+	total int64      // bytes of the blobs in index
+	// reserved is the declared size of the downloads in progress, held
+	// against the budget until they commit or abort.
+	reserved int64
+	// unwritten is the part of reserved not yet on disk: the free-space
+	// check counts it, as statfs does not see it yet. Writes lower it
+	// without the lock.
+	unwritten atomic.Int64
+	// unlinking is the size of evicted files not yet unlinked: free space
+	// any moment now.
+	unlinking int64
+	evictions int // names evicted files in tmp/
 }
 
 type entry struct {
+	key     Key
+	size    int64
+	pins    int
+	elem    *list.Element
+	touched time.Time // when this Local last bumped the file's mtime
+}
+
+// victim is a blob evicted under the lock whose file is unlinked, and
+// OnEvict called, after it.
+type victim struct {
 	key  Key
 	size int64
-	pins int
-	elem *list.Element
+	tmp  string // where its file was moved; "" when it was already gone
 }
+
+// diskMargin is kept free on the filesystem for everything else.
+const diskMargin = 64 << 20
 
 // LocalOptions configures the disk tier.
 type LocalOptions struct {
@@ -118,8 +143,9 @@ func OpenLocal(root string, o LocalOptions) (*Local, error) {
 		f.e.elem = l.lru.PushFront(f.e)
 	}
 	l.mu.Lock()
-	l.evictLocked(0)
+	victims := l.evictLocked(0)
 	l.mu.Unlock()
+	l.dropVictims(victims)
 	return l, nil
 }
 
@@ -183,9 +209,10 @@ func (l *Local) Budget() int64 {
 // SetBudget changes the budget (on reload) and evicts down to it.
 func (l *Local) SetBudget(budget int64, high, low float64) {
 	l.mu.Lock()
-	defer l.mu.Unlock()
 	l.budget, l.high, l.low = budget, high, low
-	l.evictLocked(0)
+	victims := l.evictLocked(0)
+	l.mu.Unlock()
+	l.dropVictims(victims)
 }
 
 // OpenBlob opens a cached blob and pins it against eviction until release
@@ -199,6 +226,13 @@ func (l *Local) OpenBlob(k Key) (f *os.File, size int64, release func(), err err
 	}
 	e.pins++
 	l.lru.MoveToFront(e.elem)
+	// mtimes order the LRU across restarts; bumping them at most once a
+	// minute spares a write per request.
+	now := time.Now()
+	touch := now.Sub(e.touched) >= time.Minute
+	if touch {
+		e.touched = now
+	}
 	l.mu.Unlock()
 	release = func() {
 		l.mu.Lock()
@@ -215,7 +249,9 @@ func (l *Local) OpenBlob(k Key) (f *os.File, size int64, release func(), err err
 		}
 		return nil, 0, nil, err
 	}
-	touch(f.Name())
+	if touch {
+		os.Chtimes(f.Name(), now, now)
+	}
 	return f, e.size, release, nil
 }
 
@@ -233,8 +269,19 @@ func (l *Local) HasBlob(k Key) (int64, bool) {
 // DeleteBlob removes a blob (a failed re-verification); a pinned one is
 // forgotten from the index now and unlinked, readers keep their open file.
 func (l *Local) DeleteBlob(k Key) {
-	l.forget(k)
-	os.Remove(l.blobPath(k))
+	l.mu.Lock()
+	if e, ok := l.index[k]; ok {
+		l.lru.Remove(e.elem)
+		delete(l.index, k)
+		l.total -= e.size
+	}
+	// Moved aside under the lock, so a download of k committed once the
+	// lock is released cannot lose its file to this unlink.
+	tmp := l.moveAsideLocked(k)
+	l.mu.Unlock()
+	if tmp != "" {
+		os.Remove(tmp)
+	}
 }
 
 func (l *Local) forget(k Key) {
@@ -247,26 +294,17 @@ func (l *Local) forget(k Key) {
 	}
 }
 
-var lastTouch sync.Map // path -> time.Time
-
-// touch bumps a blob's mtime at most once a minute so LRU order survives restarts
-// without a write per request.
-func touch(path string) {
-	now := time.Now()
-	if t, ok := lastTouch.Load(path); ok && now.Sub(t.(time.Time)) < time.Minute {
-		return
+// evictLocked drops least recently used, unpinned blobs from the index
+// once the cached and reserved bytes (and extra more) pass the high
+// watermark, until they are under the low one. Their files are moved aside
+// at once; the caller unlinks them with dropVictims after unlocking, as
+// unlinking a large file can take a while.
+func (l *Local) evictLocked(extra int64) []victim {
+	if float64(l.total+l.reserved+extra) <= l.high*float64(l.budget) {
+		return nil
 	}
-	lastTouch.Store(path, now)
-	os.Chtimes(path, now, now)
-}
-
-// evictLocked removes least recently used, unpinned blobs once the total
-// passes the high watermark, until it is under the low one.
-func (l *Local) evictLocked(extra int64) {
-	if float64(l.total+extra) <= l.high*float64(l.budget) {
-		return
-	}
-	target := int64(l.low*float64(l.budget)) - extra
+	target := int64(l.low*float64(l.budget)) - extra - l.reserved
+	var victims []victim
 	for el := l.lru.Back(); el != nil && l.total > target; {
 		e := el.Value.(*entry)
 		prev := el.Prev()
@@ -274,39 +312,82 @@ func (l *Local) evictLocked(extra int64) {
 			l.lru.Remove(el)
 			delete(l.index, e.key)
 			l.total -= e.size
-			os.Remove(l.blobPath(e.key))
-			lastTouch.Delete(l.blobPath(e.key))
-			if l.onEvict != nil {
-				l.onEvict(e.key, e.size)
+			v := victim{key: e.key, size: e.size, tmp: l.moveAsideLocked(e.key)}
+			if v.tmp != "" {
+				l.unlinking += v.size
 			}
+			victims = append(victims, v)
 		}
 		el = prev
 	}
+	return victims
 }
 
-// reserve makes room for size bytes: it evicts if the budget needs it and
-// checks the filesystem has the space. size < 0 (unknown) checks only that
-// the disk is not already full.
+// moveAsideLocked renames k's file into tmp/ and returns its new name, or
+// "" if it is not there. Once it is out of blobs/, unlinking it later
+// cannot touch a new file committed for k meanwhile.
+func (l *Local) moveAsideLocked(k Key) string {
+	l.evictions++
+	tmp := filepath.Join(l.root, "tmp", "evicted-"+strconv.Itoa(l.evictions))
+	if err := os.Rename(l.blobPath(k), tmp); err != nil {
+		return ""
+	}
+	return tmp
+}
+
+// dropVictims finishes an eviction without the lock: OnEvict, then unlink.
+func (l *Local) dropVictims(victims []victim) {
+	if len(victims) == 0 {
+		return
+	}
+	l.mu.Lock()
+	onEvict := l.onEvict
+	// Counted as free no longer before they are: a moment's false
+	// ErrNoSpace, never an overcommitted disk.
+	for _, v := range victims {
+		if v.tmp != "" {
+			l.unlinking -= v.size
+		}
+	}
+	l.mu.Unlock()
+	for _, v := range victims {
+		if onEvict != nil {
+			onEvict(v.key, v.size)
+		}
+		if v.tmp != "" {
+			os.Remove(v.tmp)
+		}
+	}
+}
+
+// reserve makes room for a download of size bytes and, when size is known,
+// holds it against the budget and the disk until the writer releases it.
+// It evicts if the budget needs it and checks the filesystem has the space
+// for this and the other downloads in progress. size < 0 (unknown) checks
+// only that the disk is not already full or promised.
 func (l *Local) reserve(size int64) error {
 	l.mu.Lock()
-	if size > l.budget {
+	if size >= 0 && size > l.budget-l.reserved {
 		l.mu.Unlock()
 		return ErrNoSpace
 	}
+	var victims []victim
 	if size > 0 {
-		l.evictLocked(size) // as if the blob were already here
+		victims = l.evictLocked(size) // as if the blob were already here
+	}
+	// Under the lock, so that two downloads checking at once cannot both
+	// count on the same free bytes. unwritten is read before statfs: a
+	// write in between lowers both, or only free space (erring safe).
+	need := max(size, 0) + l.unwritten.Load() + diskMargin
+	free, err := l.freeSpace(filepath.Join(l.root, "tmp"))
+	ok := err != nil || free+l.unlinking >= need // can't tell: let the write find out
+	if ok && size > 0 {
+		l.reserved += size
+		l.unwritten.Add(size)
 	}
 	l.mu.Unlock()
-	free, err := l.freeSpace(filepath.Join(l.root, "tmp"))
-	if err != nil {
-		return nil // can't tell; let the write find out
-	}
-	const margin = 64 << 20
-	need := size
-	if need < 0 {
-		need = 0
-	}
-	if free < need+margin {
+	l.dropVictims(victims)
+	if !ok {
 		return ErrNoSpace
 	}
 	return nil
@@ -324,16 +405,19 @@ func diskFree(dir string) (int64, error) {
 // others while it grows (see Path); Commit makes it visible only if the
 // bytes match the digest.
 type BlobWriter struct {
-	l    *Local
-	key  Key
-	f    *os.File
-	h    hash.Hash
-	n    int64
-	done bool
+	l        *Local
+	key      Key
+	f        *os.File
+	h        hash.Hash
+	n        int64
+	reserved int64 // held in l.reserved until Commit or Abort
+	done     bool
 }
 
 // CreateBlob starts a download of k. size may be -1 when unknown. It
-// returns ErrNoSpace when the cache cannot hold the blob.
+// returns ErrNoSpace when the cache cannot hold the blob beside the other
+// downloads in progress. A known size is held against the budget and the
+// disk until Commit or Abort, one of which must end every writer.
 func (l *Local) CreateBlob(k Key, size int64) (*BlobWriter, error) {
 	if err := k.Digest.Validate(); err != nil {
 		return nil, err
@@ -341,11 +425,27 @@ func (l *Local) CreateBlob(k Key, size int64) (*BlobWriter, error) {
 	if err := l.reserve(size); err != nil {
 		return nil, err
 	}
+	w := &BlobWriter{l: l, key: k, h: k.Digest.Algorithm().Hash(), reserved: max(size, 0)}
 	f, err := os.CreateTemp(filepath.Join(l.root, "tmp"), "blob-*")
 	if err != nil {
+		w.release()
 		return nil, err
 	}
-	return &BlobWriter{l: l, key: k, f: f, h: k.Digest.Algorithm().Hash()}, nil
+	w.f = f
+	return w, nil
+}
+
+// release gives back what the writer still holds of its reservation.
+func (w *BlobWriter) release() {
+	if w.reserved == 0 {
+		return
+	}
+	l := w.l
+	l.mu.Lock()
+	l.reserved -= w.reserved
+	l.unwritten.Add(-max(w.reserved-w.n, 0))
+	l.mu.Unlock()
+	w.reserved = 0
 }
 
 // Path is the temp file's name; readers may open it while it is written.
@@ -355,6 +455,9 @@ func (w *BlobWriter) Path() string { return w.f.Name() }
 func (w *BlobWriter) Write(p []byte) (int, error) {
 	n, err := w.f.Write(p)
 	w.h.Write(p[:n])
+	if left := w.reserved - w.n; left > 0 {
+		w.l.unwritten.Add(-min(int64(n), left))
+	}
 	w.n += int64(n)
 	if err != nil && errors.Is(err, syscall.ENOSPC) {
 		err = fmt.Errorf("%w: %v", ErrNoSpace, err)
@@ -376,23 +479,21 @@ func (w *BlobWriter) Commit() error {
 	w.done = true
 	got := digest.NewDigest(w.key.Digest.Algorithm(), w.h)
 	if got != w.key.Digest {
-		w.f.Close()
-		os.Remove(w.f.Name())
+		w.discard()
 		return fmt.Errorf("%w: want %s, got %s", ErrDigestMismatch, w.key.Digest, got)
 	}
 	if err := w.f.Sync(); err != nil {
-		w.f.Close()
-		os.Remove(w.f.Name())
+		w.discard()
+		return err
+	}
+	dst := w.l.blobPath(w.key)
+	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
+		w.discard()
 		return err
 	}
 	w.f.Close()
-	dst := w.l.blobPath(w.key)
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		os.Remove(w.f.Name())
-		return err
-	}
 	if err := os.Rename(w.f.Name(), dst); err != nil {
-		os.Remove(w.f.Name())
+		w.discard()
 		return err
 	}
 	syncDir(filepath.Dir(dst))
@@ -406,8 +507,14 @@ func (w *BlobWriter) Commit() error {
 	e.elem = l.lru.PushFront(e)
 	l.index[w.key] = e
 	l.total += w.n
-	l.evictLocked(0)
+	// The reservation becomes the cached blob in the same step, so the
+	// bytes are never counted twice or not at all.
+	l.reserved -= w.reserved
+	l.unwritten.Add(-max(w.reserved-w.n, 0))
+	w.reserved = 0
+	victims := l.evictLocked(0)
 	l.mu.Unlock()
+	l.dropVictims(victims)
 	return nil
 }
 
@@ -417,8 +524,13 @@ func (w *BlobWriter) Abort() {
 		return
 	}
 	w.done = true
+	w.discard()
+}
+
+func (w *BlobWriter) discard() {
 	w.f.Close()
 	os.Remove(w.f.Name())
+	w.release()
 }
 
 func syncDir(dir string) {
@@ -560,3 +672,8 @@ func (l *Local) Repositories() ([][2]string, error) {
 	})
 	return out, err
 }
+
+// Hash is the running digest of what was written, for a caller that takes
+// over verifying the rest of the blob elsewhere (a download that relays
+// what the disk had no room for).
+func (w *BlobWriter) Hash() hash.Hash { return w.h }

@@ -515,3 +515,228 @@ func TestLocalTagsAndRepositories(t *testing.T) {
 		t.Fatalf("Repositories = %q, want %q", names, want)
 	}
 }
+
+// A download in progress holds its declared size against the budget until
+// it commits or aborts: otherwise every concurrent cold download passes the
+// check and together they overrun the budget.
+func TestLocalDownloadsReserveTheirSize(t *testing.T) {
+	l := openTestLocal(t, t.TempDir(), LocalOptions{Budget: 1000})
+	a, b := localBlobOf(1, 600), localBlobOf(2, 600)
+	wa, err := l.CreateBlob(localKeyOf(a), int64(len(a)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w, err := l.CreateBlob(localKeyOf(b), int64(len(b))); !errors.Is(err, ErrNoSpace) {
+		if w != nil {
+			w.Abort()
+		}
+		t.Fatalf("second 600-byte download into a 1000-byte budget = %v, want ErrNoSpace", err)
+	}
+	wa.Abort()
+	wb, err := l.CreateBlob(localKeyOf(b), int64(len(b)))
+	if err != nil {
+		t.Fatalf("download after the other one aborted: %v", err)
+	}
+	// A failed commit gives the reservation back too.
+	bad := bytes.Clone(b)
+	bad[0] ^= 0xff
+	wb.Write(bad)
+	if err := wb.Commit(); !errors.Is(err, ErrDigestMismatch) {
+		t.Fatalf("Commit of corrupt bytes = %v", err)
+	}
+	// A committed blob's reservation is gone: it is cached bytes, which
+	// eviction can free for the next download.
+	kb := commitLocal(t, l, b)
+	w, err := l.CreateBlob(localKeyOf(a), int64(len(a)))
+	if err != nil {
+		t.Fatalf("600-byte download beside a 600-byte cached blob: %v", err)
+	}
+	defer w.Abort()
+	if _, ok := l.HasBlob(kb); ok {
+		t.Fatal("the cached blob was not evicted to make room")
+	}
+}
+
+func TestLocalConcurrentColdDownloadsCannotOverrunBudget(t *testing.T) {
+	l := openTestLocal(t, t.TempDir(), LocalOptions{Budget: 1000})
+	const n = 8
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var admitted []*BlobWriter
+	start := make(chan struct{})
+	for i := range n {
+		wg.Go(func() {
+			<-start
+			w, err := l.CreateBlob(localKeyOf(localBlobOf(i, 600)), 600)
+			if err == nil {
+				mu.Lock()
+				admitted = append(admitted, w)
+				mu.Unlock()
+			} else if !errors.Is(err, ErrNoSpace) {
+				t.Errorf("CreateBlob: %v", err)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	for _, w := range admitted {
+		w.Abort()
+	}
+	if len(admitted) != 1 {
+		t.Fatalf("%d concurrent 600-byte downloads admitted into a 1000-byte budget, want 1", len(admitted))
+	}
+}
+
+// Eviction makes room for the downloads in progress as well as for cached
+// blobs.
+func TestLocalEvictionCountsDownloadsInProgress(t *testing.T) {
+	l := openTestLocal(t, t.TempDir(), LocalOptions{Budget: 1000, HighWatermark: 0.9, LowWatermark: 0.5})
+	big := localBlobOf(100, 400)
+	w, err := l.CreateBlob(localKeyOf(big), int64(len(big)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer w.Abort()
+	var keys []Key
+	for i := range 5 {
+		keys = append(keys, commitLocal(t, l, localBlobOf(i, 100)))
+	}
+	// 500 cached + 400 reserved is the high watermark: nothing goes yet.
+	if got := cachedLocal(l, keys); len(got) != 5 {
+		t.Fatalf("evicted at the high watermark; cached %v", got)
+	}
+	keys = append(keys, commitLocal(t, l, localBlobOf(5, 100)))
+	// 1000 > 900: down to 500 with 400 of it promised to the download.
+	if got, want := cachedLocal(l, keys), []int{5}; !slices.Equal(got, want) {
+		t.Fatalf("cached after eviction %v, want %v", got, want)
+	}
+}
+
+// The free-disk check counts what downloads in progress are still to
+// write, so two downloads that each fit on the disk alone are not both
+// admitted.
+func TestLocalDownloadsReserveFreeDisk(t *testing.T) {
+	const margin = 64 << 20 // kept free for everything else
+	var writing *BlobWriter
+	l := openTestLocal(t, t.TempDir(), LocalOptions{Budget: 1 << 40, FreeSpace: func(string) (int64, error) {
+		free := int64(margin + 1000)
+		if writing != nil {
+			free -= writing.Written()
+		}
+		return free, nil
+	}})
+	a := localBlobOf(1, 600)
+	w, err := l.CreateBlob(localKeyOf(a), int64(len(a)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	writing = w
+	defer w.Abort()
+	if w2, err := l.CreateBlob(localKeyOf(localBlobOf(2, 600)), 600); !errors.Is(err, ErrNoSpace) {
+		if w2 != nil {
+			w2.Abort()
+		}
+		t.Fatalf("second 600-byte download onto a disk with 1000 bytes free = %v, want ErrNoSpace", err)
+	}
+	// Bytes written are gone from the disk's free space: they must not be
+	// counted twice.
+	if _, err := w.Write(a); err != nil {
+		t.Fatal(err)
+	}
+	w3, err := l.CreateBlob(localKeyOf(localBlobOf(3, 400)), 400)
+	if err != nil {
+		t.Fatalf("400-byte download with 400 bytes free beside a finished write: %v", err)
+	}
+	defer w3.Abort()
+	if _, err := l.CreateBlob(localKeyOf(localBlobOf(4, 1)), 1); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("1-byte download onto a disk promised in full = %v, want ErrNoSpace", err)
+	}
+}
+
+// Eviction runs OnEvict and unlinks files without holding the cache lock,
+// and a blob downloaded again the moment it is evicted keeps its new file.
+func TestLocalEvictedBlobDownloadedAgainSurvives(t *testing.T) {
+	first := localBlobOf(0, 100)
+	var l *Local
+	var once sync.Once
+	redownload := make(chan error, 1)
+	var waited bool
+	l = openTestLocal(t, t.TempDir(), LocalOptions{
+		Budget: 1000, HighWatermark: 0.9, LowWatermark: 0.5,
+		OnEvict: func(k Key, size int64) {
+			if k != localKeyOf(first) {
+				return
+			}
+			once.Do(func() {
+				go func() {
+					w, err := l.CreateBlob(k, size)
+					if err == nil {
+						w.Write(first)
+						err = w.Commit()
+					}
+					redownload <- err
+				}()
+				select {
+				case err := <-redownload:
+					waited = true
+					if err != nil {
+						t.Errorf("downloading the evicted blob again: %v", err)
+					}
+				case <-time.After(5 * time.Second):
+					t.Error("a download started from OnEvict could not finish: eviction holds the cache lock")
+				}
+			})
+		},
+	})
+	for i := range 10 {
+		commitLocal(t, l, localBlobOf(i, 100))
+	}
+	if !waited {
+		if err := <-redownload; err != nil {
+			t.Fatalf("downloading the evicted blob again: %v", err)
+		}
+	}
+	if _, ok := l.HasBlob(localKeyOf(first)); !ok {
+		t.Fatal("the blob downloaded again is not cached")
+	}
+	if got := readLocalBlob(t, l, localKeyOf(first)); !bytes.Equal(got, first) {
+		t.Fatal("the blob downloaded again reads back wrong")
+	}
+}
+
+// DeleteBlob followed by a fresh download must not lose the new file either.
+func TestLocalDeletedBlobDownloadedAgainSurvives(t *testing.T) {
+	l := openTestLocal(t, t.TempDir(), LocalOptions{Budget: 1 << 20})
+	b := localBlobOf(1, 100)
+	k := commitLocal(t, l, b)
+	l.DeleteBlob(k)
+	commitLocal(t, l, b)
+	if got := readLocalBlob(t, l, k); !bytes.Equal(got, b) {
+		t.Fatal("blob downloaded again after a delete reads back wrong")
+	}
+}
+
+// What a cache remembers of when it last bumped a file's time is its own:
+// a cache opened afresh on the same directory (as after a restart) bumps
+// the times of the blobs it serves, so its LRU order survives the next
+// restart too.
+func TestLocalTouchMemoryIsPerCache(t *testing.T) {
+	root := t.TempDir()
+	l := openTestLocal(t, root, LocalOptions{Budget: 1 << 20})
+	k := commitLocal(t, l, localBlobOf(1, 100))
+	readLocalBlob(t, l, k)
+
+	l2 := openTestLocal(t, root, LocalOptions{Budget: 1 << 20})
+	old := time.Now().Add(-time.Hour)
+	if err := os.Chtimes(l2.blobPath(k), old, old); err != nil {
+		t.Fatal(err)
+	}
+	readLocalBlob(t, l2, k)
+	info, err := os.Stat(l2.blobPath(k))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.ModTime().Before(time.Now().Add(-time.Minute)) {
+		t.Fatalf("a blob served by a freshly opened cache kept its hour-old time %v", info.ModTime())
+	}
+}

@@ -39,29 +39,6 @@ import (
 // refetches it as it would any miss.
 var ErrCorrupt = errors.New("corrupt object in S3")
 
-// ErrLeaseLost means a lease expired and another host took it over before its
-// holder renewed it.
-var ErrLeaseLost = errors.New("lease lost to another host")
-
-// LeaseHeldError says who holds a live lease and until when; it matches
-// ErrLeaseHeld with errors.Is. Holder is whatever that host set as
-// S3Options.Holder, so a fleet can put an address there to stream from.
-type LeaseHeldError struct {
-	Name    string
-	Holder  string    // empty when another host won a race we saw only as a failed write
-	Expires time.Time // by the holder's clock; zero when unknown
-}
-
-func (e *LeaseHeldError) Error() string {
-	if e.Holder == "" {
-		return fmt.Sprintf("lease %s: %v", e.Name, ErrLeaseHeld)
-	}
-	return fmt.Sprintf("lease %s: %v (%s, until %s)", e.Name, ErrLeaseHeld, e.Holder, e.Expires.Format(time.RFC3339))
-}
-
-// Is makes errors.Is(err, ErrLeaseHeld) true.
-func (e *LeaseHeldError) Is(target error) bool { return target == ErrLeaseHeld }
-
 // S3Options configures the shared tier. Zero values take the defaults noted.
 type S3Options struct {
 	Bucket    string
@@ -102,9 +79,10 @@ type S3Options struct {
 	// retry attempt counts) with the SDK operation name, e.g. "GetObject",
 	// "PutObject", "UploadPart". err is nil on success and for the answers
 	// that are part of normal work: not found (404), precondition failed
-	// (412), conditional conflict (409), and the caller giving up on a
-	// request. Anything else (refused connections, timeouts, 5xx, 403) is
-	// passed on. It runs on the request's goroutine and must be quick.
+	// (412), conditional conflict (409), a range past the end (416), and
+	// the caller giving up on a request. Anything else (refused
+	// connections, timeouts, 5xx, 403) is passed on. It runs on the
+	// request's goroutine and must be quick.
 	OnRequest func(op string, err error)
 }
 
@@ -158,7 +136,7 @@ type S3 struct {
 	uploader *manager.Uploader
 }
 
-var _ Shared = (*S3)(nil)
+var _ Bucket = (*S3)(nil)
 
 // NewS3 builds the client without contacting S3, so berth starts while S3 is
 // unreachable; operations fail fast until it answers again.
@@ -236,25 +214,69 @@ func (s *S3) Ping(ctx context.Context) error {
 	return nil
 }
 
-// GetBlob streams a blob; the caller verifies its digest.
-func (s *S3) GetBlob(ctx context.Context, k Key) (io.ReadCloser, int64, error) {
+// GetBlob streams a blob from offset, with its total size; the caller
+// verifies its digest. A download stalled for ReadIdleTimeout fails.
+func (s *S3) GetBlob(ctx context.Context, k Key, offset int64) (io.ReadCloser, int64, error) {
 	key, err := s.blobKey(k)
 	if err != nil {
 		return nil, 0, err
+	}
+	if offset < 0 {
+		return nil, 0, fmt.Errorf("s3: get blob %s: negative offset %d", key, offset)
+	}
+	in := &s3.GetObjectInput{Bucket: &s.opts.Bucket, Key: &key}
+	if offset > 0 {
+		in.Range = aws.String("bytes=" + strconv.FormatInt(offset, 10) + "-")
 	}
 	// The body must outlive the header timeout, so the timeout cancels only
 	// if the response has not started by then.
 	ctx, cancel := context.WithCancelCause(ctx)
 	headers := time.AfterFunc(s.opts.OpTimeout, func() { cancel(errOpTimeout) })
-	out, err := s.client.GetObject(ctx, &s3.GetObjectInput{Bucket: &s.opts.Bucket, Key: &key})
+	out, err := s.client.GetObject(ctx, in)
 	headers.Stop()
 	if err != nil {
 		cause := context.Cause(ctx)
 		cancel(nil)
+		if isInvalidRange(err) {
+			return nil, 0, fmt.Errorf("s3: get blob %s from %d: %w", key, offset, ErrOffsetPastEnd)
+		}
 		return nil, 0, s.opErr("get blob", key, err, cause)
 	}
 	size := aws.ToInt64(out.ContentLength)
+	if offset > 0 {
+		start, total, ok := parseContentRange(aws.ToString(out.ContentRange))
+		if !ok || start != offset {
+			out.Body.Close()
+			cancel(nil)
+			return nil, 0, fmt.Errorf("s3: get blob %s from %d: unexpected Content-Range %q", key, offset, aws.ToString(out.ContentRange))
+		}
+		size = total
+	}
 	return newIdleReader(out.Body, s.opts.ReadIdleTimeout, cancel), size, nil
+}
+
+// parseContentRange reads "bytes START-END/TOTAL".
+func parseContentRange(v string) (start, total int64, ok bool) {
+	rest, found := strings.CutPrefix(v, "bytes ")
+	if !found {
+		return 0, 0, false
+	}
+	rng, tot, found := strings.Cut(rest, "/")
+	if !found {
+		return 0, 0, false
+	}
+	first, last, found := strings.Cut(rng, "-")
+	if !found {
+		return 0, 0, false
+	}
+	var err1, err2, err3 error
+	start, err1 = strconv.ParseInt(first, 10, 64)
+	end, err2 := strconv.ParseInt(last, 10, 64)
+	total, err3 = strconv.ParseInt(tot, 10, 64)
+	if err1 != nil || err2 != nil || err3 != nil || start < 0 || end < start || total <= end {
+		return 0, 0, false
+	}
+	return start, total, true
 }
 
 // StatBlob returns a blob's size without reading it, or ErrNotFound; hosts
@@ -276,12 +298,14 @@ func (s *S3) StatBlob(ctx context.Context, k Key) (int64, error) {
 // PutBlob uploads a blob unless the bucket already has it. Blobs are never
 // overwritten: the write is conditional on the key being absent, and a host
 // that loses that race has nothing left to do.
-func (s *S3) PutBlob(ctx context.Context, k Key, f *os.File, size int64) error {
+func (s *S3) PutBlob(ctx context.Context, k Key, r io.ReaderAt, size int64) error {
 	key, err := s.blobKey(k)
 	if err != nil {
 		return err
 	}
-	body := io.NewSectionReader(f, 0, size)
+	// A section reader is seekable and reads at offsets, so the uploader
+	// reads each part straight from r instead of buffering it.
+	body := io.NewSectionReader(r, 0, size)
 	in := &s3.PutObjectInput{
 		Bucket:        &s.opts.Bucket,
 		Key:           &key,
@@ -549,6 +573,8 @@ type S3Lease struct {
 	expires time.Time
 }
 
+var _ Lease = (*S3Lease)(nil)
+
 // Name is the lease's name as passed to AcquireLease.
 func (l *S3Lease) Name() string { return l.name }
 
@@ -564,18 +590,8 @@ func (l *S3Lease) Expires() time.Time {
 
 // AcquireLease takes the named lease for ttl: created if absent, taken over
 // if its holder let it expire. While another host's lease is live it returns
-// a *LeaseHeldError (errors.Is ErrLeaseHeld).
+// a *LeaseHeldError (errors.Is ErrLeaseHeld). The Lease is an *S3Lease.
 func (s *S3) AcquireLease(ctx context.Context, name string, ttl time.Duration) (Lease, error) {
-	l, err := s.AcquireS3Lease(ctx, name, ttl)
-	if err != nil {
-		return nil, err
-	}
-	return l, nil
-}
-
-// AcquireS3Lease is AcquireLease returning the concrete lease, which can be
-// renewed.
-func (s *S3) AcquireS3Lease(ctx context.Context, name string, ttl time.Duration) (*S3Lease, error) {
 	key, err := s.leaseKey(name)
 	if err != nil {
 		return nil, err
@@ -678,16 +694,6 @@ func (l *S3Lease) Release(ctx context.Context) error {
 
 // Key layout (docs/s3.md).
 
-// BlobLeaseName is the lease name for fetching a blob from its upstream.
-func BlobLeaseName(k Key) string {
-	return "blobs/" + k.Upstream + "/" + k.Digest.Algorithm().String() + "/" + k.Digest.Encoded()
-}
-
-// TagLeaseName is the lease name for revalidating a tag with its upstream.
-func TagLeaseName(upstream, repo, tag string) string {
-	return "tags/" + upstream + "/" + repo + "/" + tag
-}
-
 func (s *S3) blobKey(k Key) (string, error) {
 	if err := checkKey(k); err != nil {
 		return "", err
@@ -703,28 +709,42 @@ func (s *S3) manifestKey(k Key) (string, error) {
 }
 
 func (s *S3) tagKey(upstream, repo, tag string) (string, error) {
-	if err := checkUpstream(upstream); err != nil {
+	if err := checkTag(upstream, repo, tag); err != nil {
 		return "", err
-	}
-	if !validRepo(repo) {
-		return "", fmt.Errorf("s3: invalid repository name %q", repo)
-	}
-	if !validTag(tag) {
-		return "", fmt.Errorf("s3: invalid tag %q", tag)
 	}
 	return s.opts.Prefix + "tags/" + upstream + "/" + repo + "/" + tag, nil
 }
 
+func checkTag(upstream, repo, tag string) error {
+	if err := checkUpstream(upstream); err != nil {
+		return err
+	}
+	if !validRepo(repo) {
+		return fmt.Errorf("storage: invalid repository name %q", repo)
+	}
+	if !validTag(tag) {
+		return fmt.Errorf("storage: invalid tag %q", tag)
+	}
+	return nil
+}
+
 func (s *S3) leaseKey(name string) (string, error) {
+	if err := checkLeaseName(name); err != nil {
+		return "", err
+	}
+	return s.opts.Prefix + "leases/" + name, nil
+}
+
+func checkLeaseName(name string) error {
 	if name == "" || strings.HasPrefix(name, "/") || strings.HasSuffix(name, "/") {
-		return "", fmt.Errorf("s3: invalid lease name %q", name)
+		return fmt.Errorf("storage: invalid lease name %q", name)
 	}
 	for _, part := range strings.Split(name, "/") {
 		if part == "" || part == "." || part == ".." || !printable(part) {
-			return "", fmt.Errorf("s3: invalid lease name %q", name)
+			return fmt.Errorf("storage: invalid lease name %q", name)
 		}
 	}
-	return s.opts.Prefix + "leases/" + name, nil
+	return nil
 }
 
 func checkKey(k Key) error {
@@ -732,14 +752,14 @@ func checkKey(k Key) error {
 		return err
 	}
 	if err := k.Digest.Validate(); err != nil {
-		return fmt.Errorf("s3: %s: %w", k, err)
+		return fmt.Errorf("storage: %s: %w", k, err)
 	}
 	return nil
 }
 
 func checkUpstream(u string) error {
 	if u == "" || u == "." || u == ".." || strings.Contains(u, "/") || !printable(u) {
-		return fmt.Errorf("s3: invalid upstream name %q", u)
+		return fmt.Errorf("storage: invalid upstream name %q", u)
 	}
 	return nil
 }
@@ -842,6 +862,11 @@ func isNotFound(err error) bool {
 	return httpStatus(err) == http.StatusNotFound
 }
 
+// isInvalidRange is S3's 416 for a Range starting at or past the end.
+func isInvalidRange(err error) bool {
+	return err != nil && (errorCode(err) == "InvalidRange" || httpStatus(err) == http.StatusRequestedRangeNotSatisfiable)
+}
+
 // isPrecondition covers a failed If-Match/If-None-Match (412) and S3's 409
 // for a conditional write racing another one on the same key: either way
 // another writer got there first.
@@ -874,7 +899,7 @@ func requestHook(fn func(op string, err error)) func(*middleware.Stack) error {
 // requestFailure is err unless it is an ordinary answer or the caller's own
 // cancellation.
 func requestFailure(ctx context.Context, err error) error {
-	if err == nil || isNotFound(err) || isPrecondition(err) {
+	if err == nil || isNotFound(err) || isPrecondition(err) || isInvalidRange(err) {
 		return nil
 	}
 	if errors.Is(err, context.Canceled) && context.Cause(ctx) == context.Canceled {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -26,9 +27,21 @@ import (
 // configuration from the environment.
 func newTestS3(t *testing.T, endpoint string, mod func(*S3Options)) *S3 {
 	t.Helper()
+	setTestAWSEnv(t)
+	return newTestS3InEnv(t, endpoint, mod)
+}
+
+// setTestAWSEnv keeps the machine's AWS configuration out of the tests.
+// Parallel tests cannot set the environment: their parent does.
+func setTestAWSEnv(t *testing.T) {
 	t.Setenv("AWS_CONFIG_FILE", filepath.Join(t.TempDir(), "none"))
 	t.Setenv("AWS_SHARED_CREDENTIALS_FILE", filepath.Join(t.TempDir(), "none"))
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
+}
+
+// newTestS3InEnv is newTestS3 for a test whose parent called setTestAWSEnv.
+func newTestS3InEnv(t *testing.T, endpoint string, mod func(*S3Options)) *S3 {
+	t.Helper()
 	o := S3Options{
 		Bucket:      "b",
 		Prefix:      "berth",
@@ -257,7 +270,7 @@ func TestS3UnreachableFailsFast(t *testing.T) {
 	k := Key{Upstream: "docker.io", Digest: digest.FromString("x")}
 	ctx := context.Background()
 	ops := map[string]func() error{
-		"GetBlob":     func() error { _, _, err := s.GetBlob(ctx, k); return err },
+		"GetBlob":     func() error { _, _, err := s.GetBlob(ctx, k, 0); return err },
 		"GetManifest": func() error { _, err := s.GetManifest(ctx, k); return err },
 		"GetTag":      func() error { _, err := s.GetTag(ctx, "docker.io", "library/a", "latest"); return err },
 		"PutTag":      func() error { return s.PutTag(ctx, "docker.io", "library/a", "latest", TagRecord{Digest: k.Digest}) },
@@ -312,7 +325,7 @@ func stallingS3(t *testing.T, headerDelay time.Duration) string {
 func TestS3GetBlobHeaderTimeout(t *testing.T) {
 	s := newTestS3(t, stallingS3(t, time.Hour), func(o *S3Options) { o.OpTimeout = 300 * time.Millisecond })
 	start := time.Now()
-	_, _, err := s.GetBlob(context.Background(), Key{Upstream: "docker.io", Digest: digest.FromString("x")})
+	_, _, err := s.GetBlob(context.Background(), Key{Upstream: "docker.io", Digest: digest.FromString("x")}, 0)
 	if err == nil || !errors.Is(err, context.DeadlineExceeded) {
 		t.Errorf("GetBlob on a silent S3 = %v, want a timeout", err)
 	}
@@ -326,7 +339,7 @@ func TestS3GetBlobStallMidBody(t *testing.T) {
 		o.OpTimeout = 2 * time.Second
 		o.ReadIdleTimeout = 300 * time.Millisecond
 	})
-	rc, size, err := s.GetBlob(context.Background(), Key{Upstream: "docker.io", Digest: digest.FromString("x")})
+	rc, size, err := s.GetBlob(context.Background(), Key{Upstream: "docker.io", Digest: digest.FromString("x")}, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -362,5 +375,93 @@ func TestPutManifestRefusesMismatchedContent(t *testing.T) {
 	err := s.PutManifest(context.Background(), k, Manifest{MediaType: "x", Content: []byte("b")})
 	if err == nil || !strings.Contains(err.Error(), "does not match") {
 		t.Errorf("PutManifest with wrong content = %v", err)
+	}
+}
+
+// rangeS3 serves one blob for every GetObject, honouring Range as S3 does.
+func rangeS3(t *testing.T, blob []byte) (endpoint string, ranges *[]string) {
+	var mu sync.Mutex
+	var seen []string
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, r.Header.Get("Range"))
+		mu.Unlock()
+		rng := r.Header.Get("Range")
+		if rng == "" {
+			w.Header().Set("Content-Length", strconv.Itoa(len(blob)))
+			w.Write(blob)
+			return
+		}
+		off, err := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(rng, "bytes="), "-"))
+		if err != nil || off >= len(blob) {
+			w.Header().Set("Content-Type", "application/xml")
+			w.WriteHeader(http.StatusRequestedRangeNotSatisfiable)
+			fmt.Fprint(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidRange</Code><Message>The requested range is not satisfiable</Message></Error>`)
+			return
+		}
+		w.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/%d", off, len(blob)-1, len(blob)))
+		w.Header().Set("Content-Length", strconv.Itoa(len(blob)-off))
+		w.WriteHeader(http.StatusPartialContent)
+		w.Write(blob[off:])
+	}))
+	t.Cleanup(srv.Close)
+	return srv.URL, &seen
+}
+
+func TestS3GetBlobFromOffset(t *testing.T) {
+	blob := []byte("0123456789abcdef")
+	endpoint, ranges := rangeS3(t, blob)
+	var failures int
+	s := newTestS3(t, endpoint, func(o *S3Options) {
+		o.OnRequest = func(op string, err error) {
+			if err != nil {
+				failures++
+			}
+		}
+	})
+	k := Key{Upstream: "docker.io", Digest: digest.FromBytes(blob)}
+	ctx := context.Background()
+	for _, off := range []int64{0, 1, 15} {
+		rc, size, err := s.GetBlob(ctx, k, off)
+		if err != nil {
+			t.Fatalf("GetBlob from %d: %v", off, err)
+		}
+		got, err := io.ReadAll(rc)
+		rc.Close()
+		if err != nil || size != int64(len(blob)) || string(got) != string(blob[off:]) {
+			t.Errorf("GetBlob from %d = %q (size %d), %v; want %q, size %d", off, got, size, err, blob[off:], len(blob))
+		}
+	}
+	if want := []string{"", "bytes=1-", "bytes=15-"}; strings.Join(*ranges, ",") != strings.Join(want, ",") {
+		t.Errorf("Range headers sent = %q, want %q", *ranges, want)
+	}
+	for _, off := range []int64{16, 17} {
+		_, _, err := s.GetBlob(ctx, k, off)
+		if !errors.Is(err, ErrOffsetPastEnd) || errors.Is(err, ErrNotFound) {
+			t.Errorf("GetBlob from %d of 16 bytes = %v, want ErrOffsetPastEnd", off, err)
+		}
+	}
+	if failures != 0 {
+		t.Errorf("%d requests reported as S3 failures; a range past the end is an answer", failures)
+	}
+	if _, _, err := s.GetBlob(ctx, k, -1); err == nil {
+		t.Error("GetBlob from -1 succeeded")
+	}
+}
+
+func TestParseContentRange(t *testing.T) {
+	for in, want := range map[string][2]int64{
+		"bytes 0-15/16":                   {0, 16},
+		"bytes 7340155-41943039/41943040": {7340155, 41943040},
+	} {
+		start, total, ok := parseContentRange(in)
+		if !ok || start != want[0] || total != want[1] {
+			t.Errorf("parseContentRange(%q) = %d, %d, %v", in, start, total, ok)
+		}
+	}
+	for _, in := range []string{"", "bytes */16", "bytes 0-15/*", "bytes 5-4/16", "bytes 0-16/16", "items 0-1/2", "bytes 0-1"} {
+		if _, _, ok := parseContentRange(in); ok {
+			t.Errorf("parseContentRange(%q) accepted", in)
+		}
 	}
 }

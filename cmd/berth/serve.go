@@ -21,6 +21,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/berth-dev/berth/config"
+	"github.com/berth-dev/berth/engine"
 	"github.com/berth-dev/berth/healthcheck"
 	"github.com/berth-dev/berth/mirror"
 	"github.com/berth-dev/berth/storage"
@@ -121,75 +122,104 @@ func serve(l *loader, cfg *config.Config) error {
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
 	defer signal.Stop(sigs)
 
-	var shared *storage.S3
-	log := newLogger(cfg)
-	entry := logrus.NewEntry(log)
+	d, err := newDaemon(cfg)
+	if err != nil {
+		return err
+	}
+	return d.run(l, sigs)
+}
 
-	local, err := storage.OpenLocal(cfg.Data, storage.LocalOptions{
+// daemon is one running berth: its tiers, engine, registry API, health
+// checks and listener.
+type daemon struct {
+	cfg     *config.Config
+	log     *logrus.Logger
+	local   *storage.Local
+	eng     *engine.Engine
+	checker *healthcheck.Checker
+	ln      net.Listener
+	http    *http.Server
+}
+
+// newDaemon opens the cache, builds the engine and the registry API over
+// it, and listens; nothing is served until run.
+func newDaemon(cfg *config.Config) (*daemon, error) {
+	d := &daemon{cfg: cfg, log: newLogger(cfg)}
+	entry := logrus.NewEntry(d.log)
+	var err error
+	d.local, err = storage.OpenLocal(cfg.Data, storage.LocalOptions{
 		Budget: int64(cfg.Cache.Size), HighWatermark: cfg.Cache.HighWatermark, LowWatermark: cfg.Cache.LowWatermark,
 	})
 	if err != nil {
-		return fmt.Errorf("%s: %w", cfg.Data, err)
+		return nil, fmt.Errorf("%s: %w", cfg.Data, err)
 	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	srv, err := mirror.New(cfg, local, reg, entry)
+	bucket, err := openBucket(cfg, reg)
 	if err != nil {
-		return err
+		return nil, err
 	}
-
-	if cfg.S3.Bucket != "" {
-		s3, err := storage.NewS3(context.Background(), storage.S3Options{
-			Bucket: cfg.S3.Bucket, Prefix: cfg.S3.Prefix, Region: cfg.S3.Region,
-			Endpoint: cfg.S3.Endpoint, PathStyle: cfg.S3.PathStyle,
-			OnRequest: srv.S3RequestHook(), Holder: cfg.S3.Advertise,
-		})
-		if err != nil {
-			return err
-		}
-		srv.SetShared(s3, cfg.S3.LeaseTTL.D())
-		srv.Advertise(cfg.S3.Advertise)
-		shared = s3
-	}
-
-	ln, err := net.Listen("tcp", cfg.Listen)
+	d.eng, err = engine.New(engine.Options{
+		Config: cfg, Local: d.local, Bucket: bucket, Log: entry, Metrics: reg,
+		LeaseTTL: cfg.S3.LeaseTTL.D(), Advertise: cfg.S3.Advertise,
+	})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	checker := healthcheck.New(reg)
-	checker.Add("data-dir", healthcheck.Liveness, 10*time.Second, 5*time.Second, healthcheck.DirWritable(filepath.Join(cfg.Data, "tmp")))
-	checker.Add("listener", healthcheck.Readiness, 5*time.Second, 2*time.Second, healthcheck.TCPDial(ln.Addr().String()))
-	addUpstreamChecks(checker, srv, cfg)
-	if shared != nil {
-		checker.Add("s3", healthcheck.Informational, 5*time.Second, 5*time.Second, srv.SharedHealth(shared.Ping))
+	if d.ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+		d.eng.Close()
+		return nil, err
+	}
+	d.checker = healthcheck.New(reg)
+	d.checker.Add("data-dir", healthcheck.Liveness, 10*time.Second, 5*time.Second, healthcheck.DirWritable(filepath.Join(cfg.Data, "tmp")))
+	d.checker.Add("listener", healthcheck.Readiness, 5*time.Second, 2*time.Second, healthcheck.TCPDial(d.ln.Addr().String()))
+	addUpstreamChecks(d.checker, d.eng, cfg)
+	if ping := d.eng.BucketHealth(); ping != nil {
+		d.checker.Add("s3", healthcheck.Informational, 5*time.Second, 5*time.Second, ping)
 	}
 
 	mux := http.NewServeMux()
-	mux.Handle("/v2/", srv)
+	mux.Handle("/v2/", mirror.New(d.eng, reg, entry))
 	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	for _, p := range []string{"/healthz", "/livez", "/readyz", "/status"} {
-		mux.Handle(p, checker.Handler())
+		mux.Handle(p, d.checker.Handler())
 	}
-
-	httpSrv := &http.Server{
+	d.http = &http.Server{
 		Handler:           mux,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+	return d, nil
+}
+
+// openBucket builds the S3 tier when one is configured; nil otherwise.
+func openBucket(cfg *config.Config, reg prometheus.Registerer) (storage.Bucket, error) {
+	if cfg.S3.Bucket == "" {
+		return nil, nil
+	}
+	return storage.NewS3(context.Background(), storage.S3Options{
+		Bucket: cfg.S3.Bucket, Prefix: cfg.S3.Prefix, Region: cfg.S3.Region,
+		Endpoint: cfg.S3.Endpoint, PathStyle: cfg.S3.PathStyle,
+		OnRequest: engine.CountS3Requests(reg), Holder: cfg.S3.Advertise,
+	})
+}
+
+// run serves until SIGTERM or SIGINT, reloading on SIGHUP.
+func (d *daemon) run(l *loader, sigs <-chan os.Signal) error {
+	entry := logrus.NewEntry(d.log)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
 	served := make(chan error, 1)
-	go func() { served <- httpSrv.Serve(ln) }()
+	go func() { served <- d.http.Serve(d.ln) }()
 	// After Serve: /healthz answers at once, /readyz once the first round is in.
-	checker.Start(ctx)
-
-	notifier, err := healthcheck.Notify(ctx, checker)
+	d.checker.Start(ctx)
+	notifier, err := healthcheck.Notify(ctx, d.checker)
 	if err != nil {
 		entry.WithError(err).Warn("systemd notification")
 	}
 	entry.WithFields(logrus.Fields{
-		"listen": ln.Addr().String(), "data": cfg.Data, "upstreams": upstreamSummary(cfg),
-		"default_upstream": cfg.DefaultUpstream, "cache_size": int64(cfg.Cache.Size), "tag_ttl": cfg.TagTTL.String(),
+		"listen": d.ln.Addr().String(), "data": d.cfg.Data, "upstreams": upstreamSummary(d.cfg),
+		"default_upstream": d.cfg.DefaultUpstream, "cache_size": int64(d.cfg.Cache.Size), "tag_ttl": d.cfg.TagTTL.String(),
 	}).Info("berth serving")
 
 	for {
@@ -198,14 +228,7 @@ func serve(l *loader, cfg *config.Config) error {
 			return err
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				err := notifier.Reload(func() error {
-					next, err := reload(l, cfg, srv, local, checker, log)
-					if err == nil {
-						cfg = next
-					}
-					return err
-				})
-				if err != nil {
+				if err := notifier.Reload(func() error { return d.reload(l) }); err != nil {
 					entry.WithError(err).Error("configuration reload rejected; keeping the running configuration")
 				}
 				continue
@@ -213,46 +236,54 @@ func serve(l *loader, cfg *config.Config) error {
 			entry.WithField("signal", sig.String()).Info("shutting down: finishing in-flight pulls")
 			notifier.Stopping()
 			stop()
-			sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout.D())
-			err := httpSrv.Shutdown(sctx)
-			cancel()
-			if err != nil {
-				entry.WithError(err).Warn("shutdown deadline passed; cutting remaining pulls")
-				httpSrv.Close()
-			}
-			srv.Close()
-			entry.Info("stopped")
+			d.shutdown(entry)
 			return nil
 		}
 	}
 }
 
-// reload applies a new configuration on SIGHUP. The listener and data
-// directory stay as they are until a restart.
-func reload(l *loader, old *config.Config, srv *mirror.Server, local *storage.Local, checker *healthcheck.Checker, log *logrus.Logger) (*config.Config, error) {
-	next, err := l.load()
+// shutdown lets in-flight pulls finish within shutdown_timeout, then cuts
+// the rest and stops the engine's downloads, leaving no partial file.
+func (d *daemon) shutdown(entry *logrus.Entry) {
+	sctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout.D())
+	err := d.http.Shutdown(sctx)
+	cancel()
 	if err != nil {
-		return nil, err
+		entry.WithError(err).Warn("shutdown deadline passed; cutting remaining pulls")
+		d.http.Close()
 	}
-	if next.Listen != old.Listen || next.Data != old.Data || next.S3 != old.S3 {
-		return nil, fmt.Errorf("listen, data and s3 settings cannot change without a restart (running: listen %s, data %s, s3 bucket %q)", old.Listen, old.Data, old.S3.Bucket)
-	}
-	if err := srv.Reload(next); err != nil {
-		return nil, err
-	}
-	local.SetBudget(int64(next.Cache.Size), next.Cache.HighWatermark, next.Cache.LowWatermark)
-	applyLogConfig(log, next)
-	for _, h := range old.UpstreamHosts() {
-		checker.Remove("upstream:" + h)
-	}
-	addUpstreamChecks(checker, srv, next)
-	log.WithField("changed", configChanges(old, next)).Info("configuration reloaded")
-	return next, nil
+	d.eng.Close()
+	entry.Info("stopped")
 }
 
-func addUpstreamChecks(checker *healthcheck.Checker, srv *mirror.Server, cfg *config.Config) {
+// reload applies a new configuration on SIGHUP. The listener and data
+// directory stay as they are until a restart.
+func (d *daemon) reload(l *loader) error {
+	old := d.cfg
+	next, err := l.load()
+	if err != nil {
+		return err
+	}
+	if next.Listen != old.Listen || next.Data != old.Data || next.S3 != old.S3 {
+		return fmt.Errorf("listen, data and s3 settings cannot change without a restart (running: listen %s, data %s, s3 bucket %q)", old.Listen, old.Data, old.S3.Bucket)
+	}
+	if err := d.eng.Reload(next); err != nil {
+		return err
+	}
+	d.local.SetBudget(int64(next.Cache.Size), next.Cache.HighWatermark, next.Cache.LowWatermark)
+	applyLogConfig(d.log, next)
+	for _, h := range old.UpstreamHosts() {
+		d.checker.Remove("upstream:" + h)
+	}
+	addUpstreamChecks(d.checker, d.eng, next)
+	d.log.WithField("changed", configChanges(old, next)).Info("configuration reloaded")
+	d.cfg = next
+	return nil
+}
+
+func addUpstreamChecks(checker *healthcheck.Checker, eng *engine.Engine, cfg *config.Config) {
 	for _, h := range cfg.UpstreamHosts() {
-		checker.Add("upstream:"+h, healthcheck.Informational, 30*time.Second, 5*time.Second, srv.PingUpstream(h))
+		checker.Add("upstream:"+h, healthcheck.Informational, 30*time.Second, 5*time.Second, eng.PingUpstream(h))
 	}
 }
 

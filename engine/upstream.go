@@ -1,4 +1,4 @@
-package mirror
+package engine
 
 import (
 	"context"
@@ -11,9 +11,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
-	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -24,6 +22,15 @@ import (
 	"github.com/berth-dev/berth/config"
 )
 
+// maxRepoTransports bounds the per-repository transports (each holds a
+// token) an upstream keeps; the least recently used are dropped and
+// fetch a new token when needed again.
+const maxRepoTransports = 512
+
+// handshakeTimeout bounds a token handshake, which runs for every caller
+// of the repository at once and so belongs to none of them.
+const handshakeTimeout = 30 * time.Second
+
 // upstream is one registry berth may fetch from. Token auth and credentials
 // are go-containerregistry's: a transport per repository carries that
 // repository's pull scope and refreshes its token on 401.
@@ -33,13 +40,13 @@ type upstream struct {
 	reg      name.Registry
 	auth     authn.Authenticator
 	base     http.RoundTripper
+	life     context.Context // the engine's: handshakes outlive requests
 
-	mu         sync.Mutex
-	transports map[string]http.RoundTripper // by repository
+	transports *lru[string, http.RoundTripper] // by repository
 	creating   singleflight.Group
 }
 
-func newUpstream(host string, c config.Upstream) (*upstream, error) {
+func newUpstream(life context.Context, host string, c config.Upstream) (*upstream, error) {
 	u, err := url.Parse(c.URL)
 	if err != nil {
 		return nil, fmt.Errorf("upstream %s: %w", host, err)
@@ -87,40 +94,46 @@ func newUpstream(host string, c config.Upstream) (*upstream, error) {
 			auth = a
 		}
 	}
-	return &upstream{host: host, endpoint: u, reg: reg, auth: auth, base: base, transports: map[string]http.RoundTripper{}}, nil
+	return &upstream{host: host, endpoint: u, reg: reg, auth: auth, base: base, life: life,
+		transports: newLRU[string, http.RoundTripper](maxRepoTransports)}, nil
 }
 
 // transport returns the authenticated transport for repo, pinging the
 // registry the first time. Failures are not cached, so a registry that
 // comes back is used again at once.
 func (u *upstream) transport(ctx context.Context, repo string) (http.RoundTripper, error) {
-	u.mu.Lock()
-	t, ok := u.transports[repo]
-	u.mu.Unlock()
-	if ok {
+	if t, ok := u.transports.get(repo); ok {
 		return t, nil
 	}
-	v, err, _ := u.creating.Do(repo, func() (any, error) {
+	ch := u.creating.DoChan(repo, func() (any, error) {
+		// Every caller for repo waits on this handshake: it runs on the
+		// engine's context, so the first caller leaving does not fail the rest.
+		hctx, cancel := context.WithTimeout(u.life, handshakeTimeout)
+		defer cancel()
 		scope := u.reg.Repo(repo).Scope(transport.PullScope)
-		t, err := transport.NewWithContext(ctx, u.reg, u.auth, u.base, []string{scope})
+		t, err := transport.NewWithContext(hctx, u.reg, u.auth, u.base, []string{scope})
 		if err != nil {
 			return nil, err
 		}
-		u.mu.Lock()
-		u.transports[repo] = t
-		u.mu.Unlock()
+		u.transports.put(repo, t)
 		return t, nil
 	})
-	if err != nil {
-		ue := &upstreamError{host: u.host, err: err}
+	var res singleflight.Result
+	select {
+	case res = <-ch:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if res.Err != nil {
+		ue := &UpstreamError{Host: u.host, err: res.Err}
 		var te *transport.Error
-		if errors.As(err, &te) {
+		if errors.As(res.Err, &te) {
 			// The token endpoint refused berth's credentials: that is a denial, not an outage.
-			ue.status = te.StatusCode
+			ue.Status = te.StatusCode
 		}
 		return nil, ue
 	}
-	return v.(http.RoundTripper), nil
+	return res.Val.(http.RoundTripper), nil
 }
 
 func (u *upstream) url(repo, kind, ref string) string {
@@ -129,7 +142,7 @@ func (u *upstream) url(repo, kind, ref string) string {
 	return e.String()
 }
 
-// do sends one request for repo and maps failures to upstreamError. The
+// do sends one request for repo and maps failures to UpstreamError. The
 // caller closes the body of a successful (2xx) response.
 func (u *upstream) do(ctx context.Context, repo, method, target string, hdr http.Header) (*http.Response, error) {
 	t, err := u.transport(ctx, repo)
@@ -145,14 +158,35 @@ func (u *upstream) do(ctx context.Context, repo, method, target string, hdr http
 	}
 	resp, err := (&http.Client{Transport: t}).Do(req)
 	if err != nil {
-		return nil, &upstreamError{host: u.host, err: err}
+		return nil, &UpstreamError{Host: u.host, err: err}
 	}
 	if resp.StatusCode/100 != 2 {
 		body, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		resp.Body.Close()
-		return nil, &upstreamError{host: u.host, status: resp.StatusCode, retryAfter: resp.Header.Get("Retry-After"), body: strings.TrimSpace(string(body))}
+		return nil, &UpstreamError{Host: u.host, Status: resp.StatusCode, RetryAfter: resp.Header.Get("Retry-After"), body: strings.TrimSpace(string(body))}
 	}
 	return resp, nil
+}
+
+// ping checks the registry's /v2/ answers below 500 (401 included: it is
+// there and wants a token).
+func (u *upstream) ping(ctx context.Context) error {
+	e := *u.endpoint
+	e.Path = strings.TrimSuffix(e.Path, "/") + "/v2/"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, e.String(), nil)
+	if err != nil {
+		return err
+	}
+	resp, err := (&http.Client{Transport: u.base}).Do(req)
+	if err != nil {
+		return err
+	}
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	resp.Body.Close()
+	if resp.StatusCode >= 500 {
+		return fmt.Errorf("upstream %s answered %s", u.host, resp.Status)
+	}
+	return nil
 }
 
 // manifestAccept is every manifest type berth stores and serves.
@@ -163,74 +197,33 @@ var manifestAccept = strings.Join([]string{
 	"application/vnd.docker.distribution.manifest.v2+json",
 }, ", ")
 
-// upstreamError is a failed upstream exchange: no answer (status 0) or an
+// UpstreamError is a failed upstream exchange: no answer (Status 0) or an
 // unwanted status.
-type upstreamError struct {
-	host       string
-	status     int
-	retryAfter string
+type UpstreamError struct {
+	Host       string
+	Status     int
+	RetryAfter string // the upstream's Retry-After, with a 429
 	body       string
 	err        error
 }
 
-func (e *upstreamError) Error() string {
-	if e.status == 0 {
-		return fmt.Sprintf("upstream %s: %v", e.host, e.err)
+func (e *UpstreamError) Error() string {
+	if e.Status == 0 {
+		return fmt.Sprintf("upstream %s: %v", e.Host, e.err)
 	}
-	return fmt.Sprintf("upstream %s answered %d %s", e.host, e.status, http.StatusText(e.status))
+	return fmt.Sprintf("upstream %s answered %d %s", e.Host, e.Status, http.StatusText(e.Status))
 }
 
-func (e *upstreamError) Unwrap() error { return e.err }
+func (e *UpstreamError) Unwrap() error { return e.err }
 
-// unavailable reports a failure that stale-if-error covers: no answer,
+// Unavailable reports a failure that stale-if-error covers: no answer,
 // rate limiting, or a server error.
-func (e *upstreamError) unavailable() bool {
-	return e.status == 0 || e.status == http.StatusTooManyRequests || e.status >= 500
+func (e *UpstreamError) Unavailable() bool {
+	return e.Status == 0 || e.Status == http.StatusTooManyRequests || e.Status >= 500
 }
 
-func asUpstreamError(err error) (*upstreamError, bool) {
-	var ue *upstreamError
+func asUpstreamError(err error) (*UpstreamError, bool) {
+	var ue *UpstreamError
 	ok := errors.As(err, &ue)
 	return ue, ok
-}
-
-func isNotFound(err error) bool {
-	ue, ok := asUpstreamError(err)
-	return ok && ue.status == http.StatusNotFound
-}
-
-func retryAfterSeconds(v string) int {
-	n, err := strconv.Atoi(v)
-	if err != nil || n < 0 {
-		return 0
-	}
-	return n
-}
-
-// PingUpstream returns a health check of the named upstream: its /v2/
-// answering below 500 (401 included: it is there and wants a token).
-func (s *Server) PingUpstream(host string) func(ctx context.Context) error {
-	return func(ctx context.Context) error {
-		_, ups := s.config()
-		u, ok := ups[host]
-		if !ok {
-			return fmt.Errorf("upstream %s is no longer configured", host)
-		}
-		e := *u.endpoint
-		e.Path = strings.TrimSuffix(e.Path, "/") + "/v2/"
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, e.String(), nil)
-		if err != nil {
-			return err
-		}
-		resp, err := (&http.Client{Transport: u.base}).Do(req)
-		if err != nil {
-			return err
-		}
-		io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
-		resp.Body.Close()
-		if resp.StatusCode >= 500 {
-			return fmt.Errorf("upstream %s answered %s", host, resp.Status)
-		}
-		return nil
-	}
 }

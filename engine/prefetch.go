@@ -1,0 +1,128 @@
+package engine
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/berth-dev/berth/storage"
+)
+
+// Prefetch puts blob d of repo into the local cache, through the same
+// shared download a client would join (so the fleet still fetches it once),
+// sending its bytes nowhere. It returns once the blob is on disk. With a
+// non-zero pinUntil the blob is kept from eviction until then (a later
+// Prefetch may extend it). A disk with no room for the blob is KindNoSpace.
+func (e *Engine) Prefetch(ctx context.Context, repo Repo, d digest.Digest, pinUntil time.Time) error {
+	key := storage.Key{Upstream: repo.Upstream, Digest: d}
+	for range 3 {
+		if _, ok := e.local.HasBlob(key); ok {
+			if e.pins.pin(key, pinUntil) {
+				return nil
+			}
+			continue // evicted between the check and the pin
+		}
+		up, err := e.upstreamOf(repo)
+		if err != nil {
+			return err
+		}
+		dl, _, err := e.join(ctx, key, up, repo.Name, false)
+		if err == errCachedMeanwhile {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		select {
+		case <-dl.finished:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+		dl.mu.Lock()
+		err, relaying := dl.err, dl.relaying
+		dl.mu.Unlock()
+		if relaying {
+			return &Error{Kind: KindNoSpace, Msg: "no room on this host's disk for blob " + d.String()}
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return &Error{Kind: KindInternal, Msg: "blob " + d.String() + " kept vanishing from the cache"}
+}
+
+// pinSet holds the pins Prefetch made, each until its time.
+type pinSet struct {
+	local *storage.Local
+	mu    sync.Mutex
+	pins  map[storage.Key]*pin
+}
+
+type pin struct {
+	until   time.Time
+	release func()
+	timer   *time.Timer
+}
+
+func newPinSet(l *storage.Local) *pinSet {
+	return &pinSet{local: l, pins: map[storage.Key]*pin{}}
+}
+
+// pin keeps key until until (zero: not at all); false when the blob is
+// no longer cached.
+func (s *pinSet) pin(key storage.Key, until time.Time) bool {
+	if until.IsZero() {
+		_, ok := s.local.HasBlob(key)
+		return ok
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p, ok := s.pins[key]; ok {
+		if until.After(p.until) {
+			p.until = until
+			p.timer.Reset(time.Until(until))
+		}
+		return true
+	}
+	release, ok := s.local.Pin(key)
+	if !ok {
+		return false
+	}
+	p := &pin{until: until, release: release}
+	p.timer = time.AfterFunc(time.Until(until), func() { s.unpin(key, p) })
+	s.pins[key] = p
+	return true
+}
+
+func (s *pinSet) unpin(key storage.Key, p *pin) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pins[key] != p || time.Now().Before(p.until) {
+		return // extended: its timer was reset
+	}
+	delete(s.pins, key)
+	p.release()
+}
+
+// Pinned lists the blobs Prefetch pinned and until when.
+func (e *Engine) Pinned() map[storage.Key]time.Time {
+	e.pins.mu.Lock()
+	defer e.pins.mu.Unlock()
+	out := make(map[storage.Key]time.Time, len(e.pins.pins))
+	for k, p := range e.pins.pins {
+		out[k] = p.until
+	}
+	return out
+}
+
+func (s *pinSet) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, p := range s.pins {
+		p.timer.Stop()
+		p.release()
+		delete(s.pins, k)
+	}
+}
