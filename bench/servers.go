@@ -211,7 +211,7 @@ func (b *bench) startBerthOn(ctx context.Context, tagTTL time.Duration, fleet *f
 			// A fleet host advertises where the others reach it, so a host
 			// waiting on its download streams the blob from it as it arrives.
 			args = append(args, "--s3-bucket", fleet.bucket, "--s3-prefix", fleet.prefix,
-				"--s3-endpoint", fleet.endpoint, "--s3-path-style", "true", "--s3-region", fleet.region,
+				"--s3-endpoint", fleet.endpoint, "--s3-path-style=true", "--s3-region", fleet.region,
 				"--s3-advertise", "http://"+addr)
 			env = append(env, fleet.awsEnv()...)
 		}

@@ -48,8 +48,11 @@ type Config struct {
 	DefaultUpstream string              `yaml:"default_upstream"`
 	TagTTL          Duration            `yaml:"tag_ttl"`
 	StaleTimeout    Duration            `yaml:"stale_timeout"`
-	ShutdownTimeout Duration            `yaml:"shutdown_timeout"`
-	S3              S3                  `yaml:"s3"`
+	// SourceIdleTimeout is how long a blob download's source may send
+	// nothing before berth resumes it from the byte reached.
+	SourceIdleTimeout Duration `yaml:"source_idle_timeout"`
+	ShutdownTimeout   Duration `yaml:"shutdown_timeout"`
+	S3                S3       `yaml:"s3"`
 
 	// lines maps key paths ("cache.size", "upstreams.docker.io.url") to
 	// their line in the file, so validation errors can point at it.
@@ -345,6 +348,9 @@ func (c *Config) Validate() error {
 	}
 	if c.TagTTL < 0 {
 		add("tag_ttl", "must not be negative")
+	}
+	if c.SourceIdleTimeout <= 0 {
+		add("source_idle_timeout", "must be positive")
 	}
 	if c.StaleTimeout <= 0 {
 		add("stale_timeout", "must be positive")

@@ -584,3 +584,12 @@ func TestListenOverlap(t *testing.T) {
 		}
 	}
 }
+
+// Command lines written when booleans took a separate value keep working.
+func TestJoinBoolValues(t *testing.T) {
+	got := JoinBoolValues([]string{"--s3-path-style", "true", "--s3-bucket", "b", "-fleet-metrics-auth", "false", "--listen", "true", "--", "--s3-path-style", "true"})
+	want := []string{"--s3-path-style=true", "--s3-bucket", "b", "-fleet-metrics-auth=false", "--listen", "true", "--", "--s3-path-style", "true"}
+	if strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("JoinBoolValues: %q, want %q", got, want)
+	}
+}

@@ -58,6 +58,8 @@ var settings = []setting{
 		set: durationSetting(func(c *Config) *Duration { return &c.TagTTL })},
 	{flag: "stale-timeout", key: "stale_timeout", env: "BERTH_STALE_TIMEOUT", usage: "`DURATION` to wait for the upstream before serving a stale tag (default 2s)",
 		set: durationSetting(func(c *Config) *Duration { return &c.StaleTimeout })},
+	{flag: "source-idle-timeout", key: "source_idle_timeout", env: "BERTH_SOURCE_IDLE_TIMEOUT", usage: "`DURATION` a blob download's source may send nothing before berth resumes it from the byte reached (default 15s)",
+		set: durationSetting(func(c *Config) *Duration { return &c.SourceIdleTimeout })},
 	{flag: "cache-size", key: "cache.size", env: "BERTH_CACHE_SIZE", usage: "local disk budget, `BYTES` or a size like 20GiB (default 20GiB)",
 		set: func(c *Config, v string) error {
 			n, err := ParseSize(v)
@@ -216,4 +218,36 @@ func EnvNames() map[string]string {
 		m[s.env] = s.flag
 	}
 	return m
+}
+
+// JoinBoolValues rewrites "--flag true" (or false) of a boolean setting
+// into "--flag=true", so command lines written when booleans took a value
+// keep their meaning instead of failing on a stray argument.
+func JoinBoolValues(args []string) []string {
+	out := make([]string, 0, len(args))
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" {
+			return append(out, args[i:]...)
+		}
+		name := strings.TrimLeft(a, "-")
+		if i+1 < len(args) && name != a && !strings.Contains(name, "=") && isBoolSetting(name) {
+			if _, err := strconv.ParseBool(args[i+1]); err == nil {
+				out = append(out, a+"="+args[i+1])
+				i++
+				continue
+			}
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func isBoolSetting(flag string) bool {
+	for _, s := range settings {
+		if s.flag == flag {
+			return s.boolean
+		}
+	}
+	return false
 }

@@ -172,7 +172,7 @@ func (e *Engine) uncached(ctx context.Context, key storage.Key, up *upstream, re
 	rd := dl.newReader(ctx)
 	dl.beginRelay(src.size, src.label)
 	e.goBackground(func() {
-		_, err := dl.fill(src, nil, e.opts.SourceIdleTimeout, e.countBytes(up, src), nil)
+		_, err := dl.fill(src, nil, e.opts.SourceIdleTimeout, e.countBytes(up, src), nil, e.resumer(key, up, repo, src))
 		e.downloadFailed(key, src, err)
 		dl.finish(err, nil)
 	})
@@ -267,7 +267,7 @@ func (e *Engine) fetch(dl *download, up *upstream, repo string) {
 		return
 	}
 	start := time.Now()
-	_, err = dl.fill(src, w, e.opts.SourceIdleTimeout, e.countBytes(up, src), relay)
+	_, err = dl.fill(src, w, e.opts.SourceIdleTimeout, e.countBytes(up, src), relay, e.resumer(dl.key, up, repo, src))
 	if err != nil && !errors.Is(err, errRelayAbandoned) {
 		log.WithError(err).WithField("source", src.label).Warn("blob download failed; nothing kept")
 	}

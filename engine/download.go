@@ -1,7 +1,9 @@
 package engine
 
 import (
+	"bytes"
 	"context"
+	"encoding"
 	"errors"
 	"fmt"
 	"hash"
@@ -90,20 +92,36 @@ func (d *download) fail(err error) {
 	close(d.started)
 }
 
+// resumeFunc reopens a download's source at offset after the current one
+// failed for reason (stall, error, short); it gives up after a bounded
+// number of tries.
+type resumeFunc func(offset int64, reason string) (source, error)
+
 // fill copies the source into w (nil for a relay) until it ends, publishing
-// progress. When the disk fills it switches to relaying what is left and
-// calls onRelay. It returns the hash of a relay (which has no BlobWriter
-// to verify it) and the error that ended the copy.
-func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, onBytes func(int), onRelay func()) (_ hash.Hash, err error) {
-	defer src.body.Close()
+// progress. When the source stalls, breaks or ends early, resume reopens
+// it from the byte reached, and the readers see a pause, not an error.
+// When the disk fills it switches to relaying what is left and calls
+// onRelay. It returns the hash of a relay (which has no BlobWriter to
+// verify it) and the error that ended the copy.
+func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, onBytes func(int), onRelay func(), resume resumeFunc) (_ hash.Hash, err error) {
 	defer func() {
 		if err != nil && w != nil {
 			w.Abort() // nothing partial stays in tmp/
 		}
 	}()
-	var abandoned atomic.Bool
+	// cur is the source being read; the idle timer and an abandoned relay
+	// close it from other goroutines.
+	var curMu sync.Mutex
+	cur := src
+	closeCur := func() {
+		curMu.Lock()
+		cur.body.Close()
+		curMu.Unlock()
+	}
+	defer closeCur()
+	var abandoned, stalled atomic.Bool
 	d.mu.Lock()
-	d.stopSrc = sync.OnceFunc(func() { abandoned.Store(true); src.body.Close() })
+	d.stopSrc = sync.OnceFunc(func() { abandoned.Store(true); closeCur() })
 	d.mu.Unlock()
 	var h hash.Hash
 	if w == nil {
@@ -111,7 +129,7 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 	}
 	// The idle clock runs only while berth waits for the source, not while
 	// a relay waits for its readers.
-	timer := time.AfterFunc(idle, func() { src.body.Close() })
+	timer := time.AfterFunc(idle, func() { stalled.Store(true); closeCur() })
 	defer timer.Stop()
 	buf := make([]byte, 256<<10)
 	var carry []byte // read into buf when the disk filled; goes to the ring
@@ -140,7 +158,7 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 				rerr, pending = pending, nil
 			}
 		} else {
-			n, rerr = src.body.Read(p)
+			n, rerr = cur.body.Read(p)
 			timer.Reset(idle)
 		}
 		if n > 0 && w != nil {
@@ -175,18 +193,45 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 		if len(carry) > 0 {
 			continue
 		}
+		reason := "error"
 		if rerr == io.EOF {
-			break
-		}
-		if rerr != nil {
-			if abandoned.Load() {
-				return nil, errRelayAbandoned
+			if d.size < 0 || d.written == d.size {
+				break
 			}
+			rerr, reason = io.ErrUnexpectedEOF, "short"
+		}
+		if rerr == nil {
+			continue
+		}
+		if abandoned.Load() {
+			return nil, errRelayAbandoned
+		}
+		if resume == nil {
 			return nil, rerr
 		}
-	}
-	if d.size >= 0 && d.written != d.size {
-		return nil, io.ErrUnexpectedEOF
+		if stalled.Swap(false) {
+			reason = "stall"
+		}
+		// Keep what arrived and carry on from there.
+		timer.Stop()
+		hs := h
+		if w != nil {
+			hs = w.Hash()
+		}
+		next, err := d.reopen(resume, reason, hs, func(s source) {
+			curMu.Lock()
+			cur.body.Close()
+			cur = s
+			curMu.Unlock()
+			timer.Reset(idle)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("%w (the source failed: %v)", err, rerr)
+		}
+		if abandoned.Load() {
+			next.body.Close()
+			return nil, errRelayAbandoned
+		}
 	}
 	if w != nil {
 		return nil, w.Commit()
@@ -195,6 +240,60 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 		return nil, fmt.Errorf("%w: want %s, got %s", storage.ErrDigestMismatch, d.key.Digest, got)
 	}
 	return h, nil
+}
+
+// reopen gets a source for the rest of the blob from resume. A source
+// that answered from the start (it ignored the range) must first send the
+// very bytes already received: their hash state must equal h's, or the
+// source is set aside. use makes the source current before its first
+// read, so the idle timer covers that read too.
+func (d *download) reopen(resume resumeFunc, reason string, h hash.Hash, use func(source)) (source, error) {
+	for {
+		next, err := resume(d.written, reason)
+		if err != nil {
+			return source{}, err
+		}
+		if d.size >= 0 && next.size >= 0 && next.size != d.size {
+			next.body.Close()
+			reason = "size"
+			continue
+		}
+		use(next)
+		if next.skip == 0 {
+			return next, nil
+		}
+		if err := samePrefix(h, next.body, next.skip, d.key.Digest.Algorithm()); err != nil {
+			next.body.Close()
+			reason = "mismatch"
+			continue
+		}
+		return next, nil
+	}
+}
+
+// samePrefix reads n bytes from r and checks they hash to the state h is
+// in: the bytes a download already holds, without reading them back.
+func samePrefix(h hash.Hash, r io.Reader, n int64, alg digest.Algorithm) error {
+	m, ok := h.(encoding.BinaryMarshaler)
+	if !ok {
+		return errors.New("cannot compare a resumed source without a ranged answer")
+	}
+	want, err := m.MarshalBinary()
+	if err != nil {
+		return err
+	}
+	g := alg.Hash()
+	if _, err := io.CopyN(g, r, n); err != nil {
+		return err
+	}
+	got, err := g.(encoding.BinaryMarshaler).MarshalBinary()
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(want, got) {
+		return errors.New("the source's bytes before the resume point differ from those received")
+	}
+	return nil
 }
 
 // switchToRelay keeps the bytes written so far readable from the temp

@@ -30,8 +30,8 @@ type Options struct {
 	// Advertise is the URL other hosts reach this berth at; it goes into
 	// the leases this host takes so waiting hosts stream from it.
 	Advertise string
-	// SourceIdleTimeout ends a download whose source sends nothing for
-	// this long; default 60s.
+	// SourceIdleTimeout is how long a download's source may send nothing
+	// before berth resumes the download from another request; default 15s.
 	SourceIdleTimeout time.Duration
 	// RelayStall is how long a download the disk has no room for waits
 	// on a client that reads nothing before it drops that client; default 30s.
@@ -97,7 +97,7 @@ func New(o Options) (*Engine, error) {
 		o.LeaseTTL = 2 * time.Minute
 	}
 	if o.SourceIdleTimeout <= 0 {
-		o.SourceIdleTimeout = 60 * time.Second
+		o.SourceIdleTimeout = 15 * time.Second
 	}
 	if o.RelayStall <= 0 {
 		o.RelayStall = 30 * time.Second

@@ -119,6 +119,7 @@ type testEngine struct {
 	*Engine
 	reg   *prometheus.Registry
 	local *storage.Local
+	root  string
 	repo  Repo
 }
 
@@ -135,7 +136,8 @@ func newTestEngine(t *testing.T, u *upstreamFake, mod func(*Options, *storage.Lo
 	if mod != nil {
 		mod(&o, &lo)
 	}
-	local, err := storage.OpenLocal(t.TempDir(), lo)
+	root := t.TempDir()
+	local, err := storage.OpenLocal(root, lo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -146,7 +148,7 @@ func newTestEngine(t *testing.T, u *upstreamFake, mod func(*Options, *storage.Lo
 		t.Fatal(err)
 	}
 	t.Cleanup(e.Close)
-	return &testEngine{Engine: e, reg: reg, local: local, repo: Repo{Upstream: "upstream.test", Name: "org/app"}}
+	return &testEngine{Engine: e, reg: reg, local: local, root: root, repo: Repo{Upstream: "upstream.test", Name: "org/app"}}
 }
 
 // read reads blob d whole through the engine.

@@ -24,6 +24,8 @@ type metrics struct {
 	passthrough   prometheus.Counter
 	mismatches    *prometheus.CounterVec // source
 	eventsDropped prometheus.Counter
+	resumes       *prometheus.CounterVec // source, reason
+	rerequested   *prometheus.CounterVec // source
 }
 
 func newMetrics(reg prometheus.Registerer, local *storage.Local, e *Engine) *metrics {
@@ -61,9 +63,15 @@ func newMetrics(reg prometheus.Registerer, local *storage.Local, e *Engine) *met
 		eventsDropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "berth_events_dropped_total", Help: "Engine events a subscriber was too slow to take.",
 		}),
+		resumes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "berth_resumes_total", Help: "Downloads continued from the byte reached after their source stalled (stall), broke (error), ended early (short), or a resumed source was set aside (size, mismatch), by the failed source.",
+		}, []string{"source", "reason"}),
+		rerequested: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "berth_resume_rerequested_bytes_total", Help: "Bytes a source that ignored a range request sent again before the resume point.",
+		}, []string{"source"}),
 	}
 	reg.MustRegister(m.lookups, m.upstreamReqs, m.upstreamErrs, m.upstreamBytes, m.inflight, m.staleServes,
-		m.evictions, m.evictedBytes, m.passthrough, m.mismatches, m.eventsDropped)
+		m.evictions, m.evictedBytes, m.passthrough, m.mismatches, m.eventsDropped, m.resumes, m.rerequested)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "berth_cache_size_bytes", Help: "Bytes of blobs in the local cache.",
 	}, func() float64 { b, _ := local.Usage(); return float64(b) }))

@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -18,10 +20,12 @@ import (
 
 // source is where a download reads a blob from.
 type source struct {
-	body  io.ReadCloser
-	size  int64
-	label string        // "upstream", "s3" or "peer"
-	lease storage.Lease // held while fetching from the upstream for the fleet
+	body   io.ReadCloser
+	size   int64         // the whole blob's; -1 when unknown
+	label  string        // "upstream", "s3" or "peer"
+	lease  storage.Lease // held while fetching from the upstream for the fleet
+	holder string        // peer: the berth it streams from
+	skip   int64         // resumed without a range: bytes before the resume point
 }
 
 // openSource finds a blob for a download: the bucket, else the upstream
@@ -124,11 +128,44 @@ func poll(ctx context.Context, until time.Time, cond func() bool) bool {
 }
 
 func (e *Engine) openUpstreamBlob(ctx context.Context, key storage.Key, up *upstream, repo string) (source, error) {
-	resp, err := e.upstreamDo(ctx, up, repo, "blob", http.MethodGet, up.url(repo, "blobs", key.Digest.String()), nil)
+	return e.openUpstreamAt(ctx, key, up, repo, 0)
+}
+
+// openUpstreamAt GETs a blob from offset with a Range request.
+func (e *Engine) openUpstreamAt(ctx context.Context, key storage.Key, up *upstream, repo string, offset int64) (source, error) {
+	resp, err := e.upstreamDo(ctx, up, repo, "blob", http.MethodGet, up.url(repo, "blobs", key.Digest.String()), rangeHeader(offset))
 	if err != nil {
 		return source{}, err
 	}
-	return source{body: resp.Body, size: resp.ContentLength, label: "upstream"}, nil
+	src, err := ranged(resp, offset)
+	src.label = "upstream"
+	return src, err
+}
+
+func rangeHeader(offset int64) http.Header {
+	if offset == 0 {
+		return nil
+	}
+	return http.Header{"Range": {fmt.Sprintf("bytes=%d-", offset)}}
+}
+
+// ranged makes a source of an answer to a request from offset: a 206
+// from there, or a 200 from the start (skip says how much precedes it).
+func ranged(resp *http.Response, offset int64) (source, error) {
+	if offset == 0 || resp.StatusCode == http.StatusOK {
+		return source{body: resp.Body, size: resp.ContentLength, skip: offset}, nil
+	}
+	var start, end, total int64
+	cr := resp.Header.Get("Content-Range")
+	if resp.StatusCode != http.StatusPartialContent {
+		resp.Body.Close()
+		return source{}, fmt.Errorf("answered %s to a range request", resp.Status)
+	}
+	if _, err := fmt.Sscanf(cr, "bytes %d-%d/%d", &start, &end, &total); err != nil || start != offset {
+		resp.Body.Close()
+		return source{}, fmt.Errorf("answered a range request from %d with Content-Range %q", offset, cr)
+	}
+	return source{body: resp.Body, size: total}, nil
 }
 
 // PeerHeader marks a request from another berth: it is answered from this
@@ -158,25 +195,39 @@ func (e *Engine) openPeerBlob(ctx context.Context, holder string, key storage.Ke
 	if !strings.HasPrefix(holder, "http://") && !strings.HasPrefix(holder, "https://") || holder == e.fleet.self {
 		return source{}, false
 	}
+	src, err := e.openPeerAt(ctx, holder, key, repo, 0)
+	if err != nil {
+		return source{}, false
+	}
+	e.fleet.avoided.WithLabelValues("blob").Inc()
+	return src, true
+}
+
+// openPeerAt GETs a blob from another berth from offset.
+func (e *Engine) openPeerAt(ctx context.Context, holder string, key storage.Key, repo string, offset int64) (source, error) {
 	u := holder + "/v2/" + repo + "/blobs/" + key.Digest.String() + "?ns=" + url.QueryEscape(key.Upstream)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
-		return source{}, false
+		return source{}, err
 	}
 	req.Header.Set(PeerHeader, "1")
+	if offset > 0 {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", offset))
+	}
 	resp, err := e.peers.Do(req)
 	if err != nil {
-		return source{}, false
+		return source{}, err
 	}
-	if resp.StatusCode != http.StatusOK {
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden {
 			e.peerRefused(holder, resp.StatusCode)
 		}
-		return source{}, false
+		return source{}, fmt.Errorf("peer %s answered %s", holder, resp.Status)
 	}
-	e.fleet.avoided.WithLabelValues("blob").Inc()
-	return source{body: resp.Body, size: resp.ContentLength, label: "peer"}, true
+	src, err := ranged(resp, offset)
+	src.label, src.holder = "peer", holder
+	return src, err
 }
 
 // peerRefused logs, once per peer and status, that a peer refused this
@@ -230,4 +281,88 @@ func (e *Engine) keepLease(lease storage.Lease) func() {
 		}
 	}()
 	return func() { close(done) }
+}
+
+// maxResumeTries bounds how often a download tries its sources again
+// without getting further into the blob; each try opens every kind of
+// source from the failed one's on until one answers.
+const maxResumeTries = 4
+
+// resumer continues a download whose source stalled, broke or ended early,
+// from the byte reached: the same kind of source first, then the next
+// (peer, then the bucket, then the upstream), with backoff between tries
+// and the upstream's Retry-After honoured. Progress into the blob earns
+// fresh tries; a source that keeps failing at the same byte runs out of them.
+func (e *Engine) resumer(key storage.Key, up *upstream, repo string, first source) resumeFunc {
+	kinds := []string{"peer", "s3", "upstream"}
+	kinds = kinds[max(0, slices.Index(kinds, first.label)):]
+	tries, reached := 0, int64(-1)
+	label := first.label
+	return func(offset int64, reason string) (source, error) {
+		e.metrics.resumes.WithLabelValues(label, reason).Inc()
+		if offset > reached {
+			tries, reached = 0, offset
+		}
+		var last error
+		for ; tries < maxResumeTries; tries++ {
+			if tries > 0 {
+				wait := time.Duration(250<<tries) * time.Millisecond
+				if ra, err := strconv.Atoi(RetryAfter(last)); err == nil && ra > 0 {
+					wait = min(time.Duration(ra)*time.Second, 30*time.Second)
+				}
+				select {
+				case <-time.After(wait):
+				case <-e.life.Done():
+					return source{}, e.life.Err()
+				}
+			}
+			for _, kind := range kinds {
+				src, err := e.openAt(kind, key, up, repo, first.holder, offset)
+				if err != nil {
+					last = err
+					continue
+				}
+				tries++
+				label = src.label
+				if src.skip > 0 {
+					e.metrics.rerequested.WithLabelValues(src.label).Add(float64(src.skip))
+					if src.label == "upstream" {
+						e.metrics.upstreamBytes.WithLabelValues(up.host).Add(float64(src.skip))
+					}
+				}
+				e.log.WithFields(logrus.Fields{"blob": key.String(), "source": src.label, "offset": offset, "reason": reason}).Info("download resumed")
+				return src, nil
+			}
+		}
+		if last == nil {
+			last = errors.New("it failed at the same byte every time")
+		}
+		return source{}, fmt.Errorf("no source could resume the blob at byte %d: %w", offset, last)
+	}
+}
+
+// openAt opens one kind of source of a blob from offset.
+func (e *Engine) openAt(kind string, key storage.Key, up *upstream, repo, holder string, offset int64) (source, error) {
+	switch kind {
+	case "peer":
+		if holder == "" {
+			return source{}, errors.New("no peer")
+		}
+		return e.openPeerAt(e.life, holder, key, repo, offset)
+	case "s3":
+		b := e.fleet.use()
+		if b == nil {
+			return source{}, errors.New("no bucket")
+		}
+		body, size, err := b.GetBlob(e.life, key, offset)
+		if err != nil {
+			if !errors.Is(err, storage.ErrNotFound) {
+				e.fleet.failed("get blob", err)
+			}
+			return source{}, err
+		}
+		return source{body: body, size: size, label: "s3"}, nil
+	default:
+		return e.openUpstreamAt(e.life, key, up, repo, offset)
+	}
 }

@@ -24,7 +24,7 @@ func TestHealthWithUpstreamAndS3Down(t *testing.T) {
 	t.Setenv("AWS_SECRET_ACCESS_KEY", "berth-test-secret")
 	t.Setenv("AWS_EC2_METADATA_DISABLED", "true")
 	b := startBerth(t, "--upstream", "docker.io=http://"+dead,
-		"--s3-bucket", "fleet", "--s3-endpoint", "http://"+testsupport.FreeAddr(t), "--s3-path-style", "true")
+		"--s3-bucket", "fleet", "--s3-endpoint", "http://"+testsupport.FreeAddr(t), "--s3-path-style=true")
 	for _, p := range []string{"/healthz", "/readyz"} {
 		resp, err := http.Get("http://" + b.addr + p)
 		if err != nil {

@@ -74,7 +74,7 @@ func runServe(args []string) int {
 	l := &loader{}
 	l.overrides.ReadEnv(os.LookupEnv)
 	fs := serveFlags(l, os.Stderr)
-	if err := fs.Parse(args); err != nil {
+	if err := fs.Parse(config.JoinBoolValues(args)); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
@@ -162,6 +162,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 	d.eng, err = engine.New(engine.Options{
 		Config: cfg, Local: d.local, Bucket: bucket, Log: entry, Metrics: reg,
 		LeaseTTL: cfg.S3.LeaseTTL.D(), Advertise: cfg.S3.Advertise,
+		SourceIdleTimeout: cfg.SourceIdleTimeout.D(),
 	})
 	if err != nil {
 		return nil, err

@@ -54,7 +54,7 @@ func (f *FleetBucket) Args() []string {
 		"--s3-bucket", f.Bucket,
 		"--s3-prefix", f.Prefix,
 		"--s3-endpoint", f.MinIO.Endpoint,
-		"--s3-path-style", "true",
+		"--s3-path-style=true",
 	}
 }
 
