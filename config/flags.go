@@ -84,7 +84,7 @@ var settings = []setting{
 		set: boolSetting(func(c *Config) *bool { return &c.S3.PathStyle })},
 	{flag: "s3-advertise", key: "s3.advertise", env: "BERTH_S3_ADVERTISE", usage: "`URL` of this berth's fleet port as other hosts reach it, so they stream a blob from it while it downloads (default none: they wait for the bucket)",
 		set: stringSetting(func(c *Config) *string { return &c.S3.Advertise })},
-	{flag: "s3-lease-ttl", key: "s3.lease_ttl", env: "BERTH_S3_LEASE_TTL", usage: "`DURATION` one host may hold the right to fetch a blob (default 2m)",
+	{flag: "s3-lease-ttl", key: "s3.lease_ttl", env: "BERTH_S3_LEASE_TTL", usage: "`DURATION` one host may hold the right to fetch a blob without renewing it; a live holder renews every third of it (default 15s)",
 		set: durationSetting(func(c *Config) *Duration { return &c.S3.LeaseTTL })},
 	{flag: "fleet-listen", key: "fleet_listen", env: "BERTH_FLEET_LISTEN", usage: "`ADDR` of the fleet port for other hosts: peer streaming, node API, metrics, health (default none)",
 		set: stringSetting(func(c *Config) *string { return &c.FleetListen })},

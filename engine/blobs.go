@@ -171,9 +171,10 @@ func (e *Engine) uncached(ctx context.Context, key storage.Key, up *upstream, re
 	dl := newDownload(key, e.opts.RelayStall)
 	rd := dl.newReader(ctx)
 	dl.beginRelay(src.size, src.label)
+	h := &hold{e: e, label: src.label} // no lease: nothing of this is shared
 	e.goBackground(func() {
-		_, err := dl.fill(src, nil, e.opts.SourceIdleTimeout, e.countBytes(up, src), nil, e.resumer(key, up, repo, src))
-		e.downloadFailed(key, src, err)
+		_, err := dl.fill(src, nil, e.opts.SourceIdleTimeout, e.countBytes(up, h), nil, e.resumer(key, up, repo, src, h))
+		e.downloadFailed(key, h.source(), err)
 		dl.finish(err, nil)
 	})
 	return &Blob{Digest: key.Digest, Size: src.size, Source: src.label, rd: rd, stream: true}, nil
@@ -234,9 +235,7 @@ func (e *Engine) fetch(dl *download, up *upstream, repo string) {
 		dl.fail(err)
 		return
 	}
-	if src.lease != nil {
-		defer e.keepLease(src.lease)()
-	}
+	h := e.newHold(src)
 	var uploaded chan error // a relayed blob's upload to the bucket
 	relay := func() {
 		e.metrics.passthrough.Inc()
@@ -258,8 +257,8 @@ func (e *Engine) fetch(dl *download, up *upstream, repo string) {
 	}
 	if err != nil {
 		src.body.Close()
-		e.downloadFailed(dl.key, src, err)
-		e.releaseLease(src, log)
+		e.downloadFailed(dl.key, src.label, err)
+		h.done(log)
 		e.mu.Lock()
 		delete(e.downloads, dl.key)
 		e.mu.Unlock()
@@ -267,9 +266,10 @@ func (e *Engine) fetch(dl *download, up *upstream, repo string) {
 		return
 	}
 	start := time.Now()
-	_, err = dl.fill(src, w, e.opts.SourceIdleTimeout, e.countBytes(up, src), relay, e.resumer(dl.key, up, repo, src))
+	_, err = dl.fill(src, w, e.opts.SourceIdleTimeout, e.countBytes(up, h), relay, e.resumer(dl.key, up, repo, src, h))
+	label := h.source() // the source the download ended with
 	if err != nil && !errors.Is(err, errRelayAbandoned) {
-		log.WithError(err).WithField("source", src.label).Warn("blob download failed; nothing kept")
+		log.WithError(err).WithField("source", label).Warn("blob download failed; nothing kept")
 	}
 	if dl.relaying || err != nil {
 		end(err, nil)
@@ -280,36 +280,39 @@ func (e *Engine) fetch(dl *download, up *upstream, repo string) {
 				e.fleet.failed("put blob", uerr)
 			}
 		}
-		e.downloadFailed(dl.key, src, err)
-		e.releaseLease(src, log)
+		e.downloadFailed(dl.key, label, err)
+		h.done(log)
 		return
 	}
 	release, _ := e.local.Pin(dl.key)
-	log.WithFields(logrus.Fields{"bytes": dl.written, "source": src.label, "seconds": time.Since(start).Seconds()}).Info("blob cached")
+	log.WithFields(logrus.Fields{"bytes": dl.written, "source": label, "seconds": time.Since(start).Seconds()}).Info("blob cached")
 	end(nil, release)
 	e.publish(Event{Kind: BlobCached, Repo: Repo{Upstream: up.host, Name: repo}, Digest: dl.key.Digest, Size: dl.written})
-	e.shareBlob(dl.key, src, log)
-	e.releaseLease(src, log)
+	if label == "upstream" {
+		e.shareBlob(dl.key, log)
+	}
+	h.done(log)
 }
 
-// countBytes counts what a source sends; only the upstream's bytes are
-// berth_upstream_bytes_total.
-func (e *Engine) countBytes(up *upstream, src source) func(int) {
-	if src.label != "upstream" {
-		return func(int) {}
-	}
+// countBytes counts what a download's source sends; only the upstream's
+// bytes are berth_upstream_bytes_total.
+func (e *Engine) countBytes(up *upstream, h *hold) func(int) {
 	c := e.metrics.upstreamBytes.WithLabelValues(up.host)
-	return func(n int) { c.Add(float64(n)) }
+	return func(n int) {
+		if h.source() == "upstream" {
+			c.Add(float64(n))
+		}
+	}
 }
 
 // downloadFailed counts a digest mismatch and deletes a corrupt bucket
 // object, so the next reader fetches it again.
-func (e *Engine) downloadFailed(key storage.Key, src source, err error) {
+func (e *Engine) downloadFailed(key storage.Key, label string, err error) {
 	if !errors.Is(err, storage.ErrDigestMismatch) {
 		return
 	}
-	e.metrics.mismatches.WithLabelValues(src.label).Inc()
-	if src.label == "s3" && e.fleet != nil {
+	e.metrics.mismatches.WithLabelValues(label).Inc()
+	if label == "s3" && e.fleet != nil {
 		e.log.WithField("blob", key.String()).Warn("corrupt blob in S3; deleting it so it is fetched again")
 		if derr := e.fleet.bucket.DeleteBlob(context.WithoutCancel(e.life), key); derr != nil {
 			e.fleet.failed("delete blob", derr)
@@ -341,9 +344,9 @@ func (e *Engine) shareRelay(dl *download, src source) chan error {
 
 // shareBlob puts a blob this host fetched from the upstream into the
 // bucket, before the lease is released, so waiting hosts find it.
-func (e *Engine) shareBlob(key storage.Key, src source, log *logrus.Entry) {
+func (e *Engine) shareBlob(key storage.Key, log *logrus.Entry) {
 	b := e.fleet.use()
-	if b == nil || src.label != "upstream" {
+	if b == nil {
 		return
 	}
 	f, size, release, err := e.local.OpenBlob(key)
@@ -358,15 +361,6 @@ func (e *Engine) shareBlob(key storage.Key, src source, log *logrus.Entry) {
 		return
 	}
 	log.WithFields(logrus.Fields{"bytes": size, "seconds": time.Since(start).Seconds()}).Debug("blob shared to S3")
-}
-
-func (e *Engine) releaseLease(src source, log *logrus.Entry) {
-	if src.lease == nil {
-		return
-	}
-	if err := src.lease.Release(context.WithoutCancel(e.life)); err != nil {
-		log.WithError(err).Warn("could not release blob lease")
-	}
 }
 
 // StatBlob returns a blob's size without fetching it: from the local

@@ -25,7 +25,7 @@ type Options struct {
 	Metrics prometheus.Registerer // nil: a private registry
 
 	// LeaseTTL is how long a host may hold the right to fetch a blob for
-	// the fleet; default 2m.
+	// the fleet without renewing it; default 15s.
 	LeaseTTL time.Duration
 	// Advertise is the URL other hosts reach this berth at; it goes into
 	// the leases this host takes so waiting hosts stream from it.
@@ -94,7 +94,7 @@ func New(o Options) (*Engine, error) {
 		o.Metrics = prometheus.NewRegistry()
 	}
 	if o.LeaseTTL <= 0 {
-		o.LeaseTTL = 2 * time.Minute
+		o.LeaseTTL = 15 * time.Second
 	}
 	if o.SourceIdleTimeout <= 0 {
 		o.SourceIdleTimeout = 15 * time.Second

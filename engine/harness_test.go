@@ -1,7 +1,10 @@
 package engine
 
 import (
+	"os"
+
 	"context"
+	"github.com/sirupsen/logrus"
 	"io"
 	"log"
 	"net/http"
@@ -143,6 +146,11 @@ func newTestEngine(t *testing.T, u *upstreamFake, mod func(*Options, *storage.Lo
 	}
 	reg := prometheus.NewRegistry()
 	o.Local, o.Metrics = local, reg
+	if os.Getenv("BERTH_TEST_LOG") != "" {
+		l := logrus.New()
+		l.SetLevel(logrus.DebugLevel)
+		o.Log = logrus.NewEntry(l)
+	}
 	e, err := New(o)
 	if err != nil {
 		t.Fatal(err)

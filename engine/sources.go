@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/sirupsen/logrus"
@@ -88,9 +89,26 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 			}
 			holderExpires = held.Expires
 		}
-		if held != nil {
-			if src, ok := e.openPeerBlob(ctx, held.Holder, key, repo); ok {
+		if held != nil && isURL(held.Holder) && held.Holder != f.self {
+			src, err := e.openPeerAt(ctx, held.Holder, key, repo, 0)
+			if err == nil {
+				f.avoided.WithLabelValues("blob").Inc()
 				return src, nil
+			}
+			if unreachable(err) {
+				// The holder's berth is gone: waiting for its lease to
+				// expire would only delay the fleet.
+				if lease, err := b.TakeOver(ctx, held, f.leaseTTL); err == nil {
+					f.leases.WithLabelValues("blob", "taken_over").Inc()
+					e.log.WithFields(logrus.Fields{"blob": key.String(), "holder": held.Holder}).Warn("lease holder unreachable; took over its fetch")
+					src, err := e.openUpstreamBlob(ctx, key, up, repo)
+					if err != nil {
+						lease.Release(context.WithoutCancel(ctx))
+						return src, err
+					}
+					src.lease = lease
+					return src, nil
+				}
 			}
 		}
 		if time.Now().After(giveUp) {
@@ -190,17 +208,13 @@ func NewPeerTransport() *http.Transport {
 
 var defaultPeerTransport = NewPeerTransport()
 
-// openPeerBlob streams a blob from the lease holder's berth.
-func (e *Engine) openPeerBlob(ctx context.Context, holder string, key storage.Key, repo string) (source, bool) {
-	if !strings.HasPrefix(holder, "http://") && !strings.HasPrefix(holder, "https://") || holder == e.fleet.self {
-		return source{}, false
-	}
-	src, err := e.openPeerAt(ctx, holder, key, repo, 0)
-	if err != nil {
-		return source{}, false
-	}
-	e.fleet.avoided.WithLabelValues("blob").Inc()
-	return src, true
+func isURL(s string) bool { return strings.HasPrefix(s, "http://") || strings.HasPrefix(s, "https://") }
+
+// unreachable reports an error that says a peer's berth is not there: its
+// address refuses connections or does not answer them.
+func unreachable(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
 }
 
 // openPeerAt GETs a blob from another berth from offset.
@@ -262,6 +276,79 @@ func (e *Engine) openUncached(ctx context.Context, key storage.Key, up *upstream
 	return e.openUpstreamBlob(ctx, key, up, repo)
 }
 
+// hold is what a download knows of its sources as it goes: the kind it
+// reads from now, and the fleet lease it holds, taken at the start or,
+// when the host it streamed from died, taken over on the way. The lease
+// is renewed while the download runs and released by done.
+type hold struct {
+	e     *Engine
+	mu    sync.Mutex
+	label string
+	lease storage.Lease
+	stop  func()
+}
+
+func (e *Engine) newHold(src source) *hold {
+	h := &hold{e: e, label: src.label}
+	if src.lease != nil {
+		h.lease, h.stop = src.lease, e.keepLease(src.lease)
+	}
+	return h
+}
+
+func (h *hold) setLabel(l string) {
+	h.mu.Lock()
+	h.label = l
+	h.mu.Unlock()
+}
+
+func (h *hold) source() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.label
+}
+
+// claim takes the blob's lease for this host if it has none: free, or
+// held by dead, the holder that just failed it.
+func (h *hold) claim(key storage.Key, dead string) {
+	e := h.e
+	b := e.fleet.use()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if b == nil || h.lease != nil {
+		return
+	}
+	ttl := e.fleet.leaseTTL
+	l, err := b.AcquireLease(e.life, storage.BlobLeaseName(key), ttl)
+	var held *storage.LeaseHeldError
+	if errors.As(err, &held) && held.Holder == dead && dead != "" {
+		l, err = b.TakeOver(e.life, held, ttl)
+	}
+	if err != nil {
+		return // another host fetches it too: one more upstream fetch, never a wrong byte
+	}
+	event := "taken"
+	if l.TookOver() {
+		event = "taken_over"
+	}
+	e.fleet.leases.WithLabelValues("blob", event).Inc()
+	h.lease, h.stop = l, e.keepLease(l)
+}
+
+// done stops renewing and releases the lease, if any.
+func (h *hold) done(log *logrus.Entry) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.lease == nil {
+		return
+	}
+	h.stop()
+	if err := h.lease.Release(context.WithoutCancel(h.e.life)); err != nil {
+		log.WithError(err).Warn("could not release blob lease")
+	}
+	h.lease = nil
+}
+
 // keepLease renews a blob lease while its download runs; the returned
 // function stops renewing.
 func (e *Engine) keepLease(lease storage.Lease) func() {
@@ -293,13 +380,18 @@ const maxResumeTries = 4
 // (peer, then the bucket, then the upstream), with backoff between tries
 // and the upstream's Retry-After honoured. Progress into the blob earns
 // fresh tries; a source that keeps failing at the same byte runs out of them.
-func (e *Engine) resumer(key storage.Key, up *upstream, repo string, first source) resumeFunc {
+func (e *Engine) resumer(key storage.Key, up *upstream, repo string, first source, h *hold) resumeFunc {
 	kinds := []string{"peer", "s3", "upstream"}
 	kinds = kinds[max(0, slices.Index(kinds, first.label)):]
 	tries, reached := 0, int64(-1)
 	label := first.label
 	return func(offset int64, reason string) (source, error) {
 		e.metrics.resumes.WithLabelValues(label, reason).Inc()
+		if label == "peer" && h != nil {
+			// The holder this host streamed from failed: fetch the rest
+			// for the fleet, under the blob's lease if it can be had.
+			h.claim(key, first.holder)
+		}
 		if offset > reached {
 			tries, reached = 0, offset
 		}
@@ -324,6 +416,9 @@ func (e *Engine) resumer(key storage.Key, up *upstream, repo string, first sourc
 				}
 				tries++
 				label = src.label
+				if h != nil {
+					h.setLabel(src.label)
+				}
 				if src.skip > 0 {
 					e.metrics.rerequested.WithLabelValues(src.label).Add(float64(src.skip))
 					if src.label == "upstream" {

@@ -373,6 +373,52 @@ func testBucket(t *testing.T, newBucket func(t *testing.T) bucketUnderTest) {
 		}
 	})
 
+	run("LeaseTakeOverFromADeadHolder", func(t *testing.T, f bucketUnderTest, ctx context.Context) {
+		a, b, c := f.host("host-a"), f.host("host-b"), f.host("host-c")
+		name := BlobLeaseName(Key{Upstream: "docker.io", Digest: digest.FromString("takeover")})
+		la, err := a.AcquireLease(ctx, name, time.Minute)
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = b.AcquireLease(ctx, name, time.Minute)
+		var seen *LeaseHeldError
+		if !errors.As(err, &seen) {
+			t.Fatalf("live lease: %v", err)
+		}
+		// host-a renews: it is alive, and a takeover on the old sighting fails.
+		if err := la.Renew(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := b.TakeOver(ctx, seen, time.Minute); !errors.Is(err, ErrLeaseHeld) {
+			t.Fatalf("takeover of a lease renewed since it was seen: %v, want ErrLeaseHeld", err)
+		}
+		// host-a dies: host-b sees the lease again and takes it over at once.
+		_, err = b.AcquireLease(ctx, name, time.Minute)
+		if !errors.As(err, &seen) {
+			t.Fatalf("live lease: %v", err)
+		}
+		lb, err := b.TakeOver(ctx, seen, time.Minute)
+		if err != nil {
+			t.Fatalf("takeover from a dead holder: %v", err)
+		}
+		if !lb.TookOver() {
+			t.Error("takeover not reported")
+		}
+		if err := la.Renew(ctx); !errors.Is(err, ErrLeaseLost) {
+			t.Errorf("old holder's Renew = %v, want ErrLeaseLost", err)
+		}
+		// Only one of two hosts taking over on the same sighting wins.
+		if _, err := c.TakeOver(ctx, seen, time.Minute); !errors.Is(err, ErrLeaseHeld) {
+			t.Errorf("second takeover on the same sighting: %v, want ErrLeaseHeld", err)
+		}
+		if _, err := c.AcquireLease(ctx, name, time.Minute); !errors.As(err, &seen) || seen.Holder != "host-b" {
+			t.Errorf("after the takeover the lease is %v, want held by host-b", err)
+		}
+		if err := lb.Release(ctx); err != nil {
+			t.Fatal(err)
+		}
+	})
+
 	run("LeaseExpiryTakeover", func(t *testing.T, f bucketUnderTest, ctx context.Context) {
 		a, b, c := f.host("host-a"), f.host("host-b"), f.host("host-c")
 		name := TagLeaseName("docker.io", "library/alpine", "latest")

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"strconv"
 	"sync"
 	"time"
 )
@@ -64,6 +65,7 @@ type memBucket struct {
 type memLeaseRecord struct {
 	holder  string
 	token   uint64 // tells this holder's lease from a later one of the same name
+	version uint64 // changes with every write, as an S3 object's ETag does
 	expires time.Time
 }
 
@@ -471,11 +473,31 @@ func (m *Memory) AcquireLease(ctx context.Context, name string, ttl time.Duratio
 	defer m.b.mu.Unlock()
 	cur := m.b.leases[name]
 	if cur != nil && now.Before(cur.expires) {
-		return nil, &LeaseHeldError{Name: name, Holder: cur.holder, Expires: cur.expires}
+		return nil, &LeaseHeldError{Name: name, Holder: cur.holder, Expires: cur.expires, version: strconv.FormatUint(cur.version, 10)}
 	}
 	m.b.tokens++
-	m.b.leases[name] = &memLeaseRecord{holder: m.holder, token: m.b.tokens, expires: now.Add(ttl)}
+	m.b.leases[name] = &memLeaseRecord{holder: m.holder, token: m.b.tokens, version: m.b.tokens, expires: now.Add(ttl)}
 	return &memLease{m: m, name: name, ttl: ttl, token: m.b.tokens, tookOver: cur != nil}, nil
+}
+
+// TakeOver replaces the lease seen in held if it is still the same one.
+func (m *Memory) TakeOver(ctx context.Context, held *LeaseHeldError, ttl time.Duration) (Lease, error) {
+	if held == nil || held.version == "" {
+		return nil, errors.New("memory: take over lease: no lease seen to take over")
+	}
+	if err := m.begin(ctx, "AcquireLease"); err != nil {
+		return nil, err
+	}
+	now := m.b.now()
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	cur := m.b.leases[held.Name]
+	if cur == nil || strconv.FormatUint(cur.version, 10) != held.version {
+		return nil, &LeaseHeldError{Name: held.Name}
+	}
+	m.b.tokens++
+	m.b.leases[held.Name] = &memLeaseRecord{holder: m.holder, token: m.b.tokens, version: m.b.tokens, expires: now.Add(ttl)}
+	return &memLease{m: m, name: held.Name, ttl: ttl, token: m.b.tokens, tookOver: true}, nil
 }
 
 type memLease struct {
@@ -502,7 +524,8 @@ func (l *memLease) Renew(ctx context.Context) error {
 	if cur == nil || cur.token != l.token {
 		return fmt.Errorf("memory: lease %s: %w", l.name, ErrLeaseLost)
 	}
-	cur.expires = now.Add(l.ttl)
+	b.tokens++
+	cur.expires, cur.version = now.Add(l.ttl), b.tokens
 	return nil
 }
 

@@ -623,7 +623,7 @@ func (s *S3) AcquireLease(ctx context.Context, name string, ttl time.Duration) (
 		}
 		var held leaseRecord
 		if json.Unmarshal(cur.body, &held) == nil && !held.expired(cur.lastModified, cur.serverTime, time.Now()) {
-			return nil, &LeaseHeldError{Name: name, Holder: held.Holder, Expires: held.Expires}
+			return nil, &LeaseHeldError{Name: name, Holder: held.Holder, Expires: held.Expires, version: cur.etag}
 		}
 		// Expired or unreadable: take it over, but only if nobody else has
 		// rewritten it since we read it.
@@ -642,6 +642,30 @@ func (s *S3) AcquireLease(ctx context.Context, name string, ttl time.Duration) (
 		return nil, s.opErr("take over lease", key, err, nil)
 	}
 	return nil, &LeaseHeldError{Name: name}
+}
+
+// TakeOver replaces the lease held seen in, if its object is unchanged
+// since (If-Match on the ETag seen).
+func (s *S3) TakeOver(ctx context.Context, held *LeaseHeldError, ttl time.Duration) (Lease, error) {
+	if held == nil || held.version == "" {
+		return nil, errors.New("s3: take over lease: no lease seen to take over")
+	}
+	key, err := s.leaseKey(held.Name)
+	if err != nil {
+		return nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.OpTimeout)
+	defer cancel()
+	rec := newLeaseRecord(s.opts.Holder, ttl, time.Now())
+	body, _ := json.Marshal(rec)
+	etag, err := s.putSmall(ctx, key, body, "application/json", func(in *s3.PutObjectInput) { in.IfMatch = aws.String(held.version) })
+	if isPrecondition(err) || isNotFound(err) {
+		return nil, &LeaseHeldError{Name: held.Name}
+	}
+	if err != nil {
+		return nil, s.opErr("take over lease", key, err, nil)
+	}
+	return &S3Lease{s: s, name: held.Name, key: key, ttl: ttl, tookOver: true, etag: etag, expires: rec.Expires}, nil
 }
 
 // Renew extends the lease by its TTL from now, for a holder whose fetch runs

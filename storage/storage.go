@@ -90,6 +90,11 @@ type Leases interface {
 	// one. While another host's lease is live it returns a
 	// *LeaseHeldError, which matches ErrLeaseHeld.
 	AcquireLease(ctx context.Context, name string, ttl time.Duration) (Lease, error)
+	// TakeOver takes a live lease from a holder known to be dead (its
+	// berth refuses connections), on the evidence of held as AcquireLease
+	// returned it. It succeeds only while the lease is exactly as it was
+	// seen then: a holder that renewed it since keeps it (ErrLeaseHeld).
+	TakeOver(ctx context.Context, held *LeaseHeldError, ttl time.Duration) (Lease, error)
 }
 
 // Lease is one host's hold on a named lease.
@@ -124,6 +129,8 @@ type LeaseHeldError struct {
 	Name    string
 	Holder  string    // empty when another host won a race seen only as a failed write
 	Expires time.Time // by the holder's clock; zero when unknown
+
+	version string // the lease as seen (an ETag, a token), for TakeOver
 }
 
 func (e *LeaseHeldError) Error() string {

@@ -1,0 +1,128 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"github.com/berth-dev/berth/internal/testsupport"
+	"github.com/berth-dev/berth/storage"
+)
+
+// A lease whose holder's berth refuses connections is taken over at once,
+// not at its expiry.
+func TestFailoverTakesOverAnUnreachableHolder(t *testing.T) {
+	u := newUpstreamFake(t)
+	content := randomBytes(90, 64<<10)
+	d := u.pushBlob("org/app", content)
+	dead := "http://" + testsupport.FreeAddr(t) // nothing listens there
+	bucket := storage.NewMemory(storage.MemoryOptions{Holder: dead})
+	key := storage.Key{Upstream: "upstream.test", Digest: d}
+	if _, err := bucket.AcquireLease(context.Background(), storage.BlobLeaseName(key), time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	e := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = bucket.Host("live") })
+	start := time.Now()
+	if got, err := e.read(t, d); err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("read: %v", err)
+	}
+	if el := time.Since(start); el > 5*time.Second {
+		t.Fatalf("took %v: waited for the dead holder's lease", el)
+	}
+	if n := e.counter(e.fleet.leases.WithLabelValues("blob", "taken_over")); n != 1 {
+		t.Fatalf("taken_over %v, want 1", n)
+	}
+	eventually(t, "the blob in the bucket", func() bool {
+		_, err := bucket.StatBlob(context.Background(), key)
+		return err == nil
+	})
+}
+
+// The host a download streams from dies mid-blob: the waiting host carries
+// on from the byte it has, from the upstream under the lease it takes
+// over, and its readers never see an error.
+func TestFailoverWhenThePeerDiesMidStream(t *testing.T) {
+	u := newUpstreamFake(t)
+	content := randomBytes(91, 4<<20)
+	d := u.pushBlob("org/app", content)
+	path := blobPath("org/app", d)
+	gate := make(chan struct{})
+	first := true
+	pause := u.pauseAfter(1<<20, gate)
+	u.set("GET", path, func(w http.ResponseWriter, r *http.Request) {
+		if first { // the holder's fetch: stalls after 1 MiB
+			first = false
+			pause(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		whole := r.Clone(r.Context())
+		whole.Header.Del("Range")
+		u.reg.ServeHTTP(rec, whole)
+		w.Header().Set("Docker-Content-Digest", d.String())
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(rec.Body.Bytes()))
+	})
+	var holder *testEngine
+	peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		dd, _ := digest.Parse(r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:])
+		b, err := holder.PeerBlob(r.Context(), storage.Key{Upstream: r.URL.Query().Get("ns"), Digest: dd})
+		if err != nil {
+			w.WriteHeader(http.StatusNotFound)
+			return
+		}
+		defer b.Close()
+		w.Header().Set("Content-Length", fmt.Sprint(b.Size))
+		io.Copy(w, b)
+	}))
+	bucket := storage.NewMemory(storage.MemoryOptions{Holder: peer.URL})
+	holder = newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = bucket, peer.URL })
+	waiter := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = bucket.Host("waiter") })
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	hb, err := holder.Blob(ctx, holder.repo, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hb.Close()
+	wb, err := waiter.Blob(ctx, waiter.repo, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wb.Close()
+	if wb.Source != "peer" {
+		t.Fatalf("waiter's source %q, want peer", wb.Source)
+	}
+	head := make([]byte, 512<<10)
+	if _, err := io.ReadFull(wb, head); err != nil {
+		t.Fatal(err)
+	}
+	// The holder's berth dies: its connections drop and its port closes.
+	peer.CloseClientConnections()
+	peer.Close()
+	rest, err := io.ReadAll(wb)
+	if err != nil {
+		t.Fatalf("the waiter's reader saw the peer die: %v", err)
+	}
+	if got := append(head, rest...); !bytes.Equal(got, content) {
+		t.Fatalf("waiter read %d bytes, not the blob", len(got))
+	}
+	if n := waiter.counter(waiter.fleet.leases.WithLabelValues("blob", "taken_over")); n != 1 {
+		t.Fatalf("the waiter took over %v leases, want 1", n)
+	}
+	if n := u.count("GET", path); n != 2 {
+		t.Fatalf("upstream GETs %d, want 2 (the holder's, and the waiter's ranged rest)", n)
+	}
+	eventually(t, "the blob in the bucket", func() bool {
+		_, err := bucket.StatBlob(context.Background(), storage.Key{Upstream: "upstream.test", Digest: d})
+		return err == nil
+	})
+	close(gate)
+}
