@@ -47,7 +47,7 @@ func TestQuickRun(t *testing.T) {
 	for _, tool := range []string{"go", "registry", "nginx", "minio"} {
 		need(t, root, tool)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	defer cancel()
 	var out, log bytes.Buffer
 	args := []string{"-quick", "-layer-size", "128KiB", "-big", "16MiB", "-ns", "1,3", "-wall-n", "3",
@@ -90,6 +90,11 @@ func TestQuickRun(t *testing.T) {
 		"fleet, cold round: S3 write requests",
 		"fleet, warm bucket: one pull on a new host (s)",
 		"fleet, warm bucket: S3 requests per blob read from S3",
+		"stall: 3 cold pulls, upstream not stalling (s)",
+		"stall: 3 cold pulls, upstream stalling once mid-layer (s)",
+		"stall: stalled − (not stalling + 5s idle timeout) (s)",
+		"stall: upstream bytes ÷ image bytes",
+		"stall: failed pulls of 3",
 	}
 	if len(rows) != len(want) {
 		t.Errorf("table has %d rows, want %d", len(rows), len(want))

@@ -65,6 +65,7 @@ var allScenarios = []struct {
 	{"rss", "berth's peak RSS while many clients stream one big blob, cold and hot", (*bench).scenarioRSS},
 	{"hang", "pull of a cached tag while the upstream hangs", (*bench).scenarioHang},
 	{"fleet", "three hosts sharing one S3 bucket (MinIO), ten cold pulls on each", (*bench).scenarioFleet},
+	{"stall", "concurrent cold pulls while the upstream stalls once in the middle of every layer", (*bench).scenarioStall},
 }
 
 func main() {

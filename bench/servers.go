@@ -194,11 +194,17 @@ func (b *bench) startBerth(ctx context.Context, tagTTL time.Duration) (*server, 
 
 // startBerthOn runs berth as one host of a fleet on the bucket (nil: none).
 func (b *bench) startBerthOn(ctx context.Context, tagTTL time.Duration, fleet *fleetBucket) (*server, error) {
+	return b.startBerthVia(ctx, b.link.Addr, tagTTL, fleet)
+}
+
+// startBerthVia runs berth with its upstream at upstreamAddr (the link, or
+// something in front of it) and extra flags.
+func (b *bench) startBerthVia(ctx context.Context, upstreamAddr string, tagTTL time.Duration, fleet *fleetBucket, extra ...string) (*server, error) {
 	return b.launch(ctx, "berth", "/v2/", func(dir, addr string) (*exec.Cmd, error) {
 		args := []string{"serve",
 			"--listen", addr,
 			"--data", filepath.Join(dir, "data"),
-			"--upstream", upstreamName + "=http://" + b.link.Addr,
+			"--upstream", upstreamName + "=http://" + upstreamAddr,
 			"--default-upstream", upstreamName,
 			"--tag-ttl", tagTTL.String(),
 			"--cache-size", "64GiB",
@@ -215,7 +221,7 @@ func (b *bench) startBerthOn(ctx context.Context, tagTTL time.Duration, fleet *f
 				"--s3-advertise", "http://"+addr)
 			env = append(env, fleet.awsEnv()...)
 		}
-		cmd := exec.Command(b.opt.berthBin, args...)
+		cmd := exec.Command(b.opt.berthBin, append(args, extra...)...)
 		cmd.Env = env
 		return cmd, nil
 	})
