@@ -42,6 +42,8 @@ func decodeStrict(doc []byte) (any, error) {
 	switch meta.APIVersion + " " + meta.Kind {
 	case "apps/v1 DaemonSet":
 		obj = &appsv1.DaemonSet{}
+	case "apps/v1 Deployment":
+		obj = &appsv1.Deployment{}
 	case "v1 Service":
 		obj = &corev1.Service{}
 	case "v1 ConfigMap":
@@ -412,26 +414,16 @@ func TestInitContainerConfiguresContainerd(t *testing.T) {
 func TestS3OverlayConfiguresTheSharedCache(t *testing.T) {
 	r := render(t, "overlays/s3")
 	b := container(t, r.ds.Spec.Template.Spec, "berth", false)
-	env := map[string]string{}
 	secret := false
 	for _, src := range b.EnvFrom {
-		switch {
-		case src.ConfigMapRef != nil:
-			cm := r.cms[src.ConfigMapRef.Name]
-			if cm == nil {
-				t.Fatalf("envFrom ConfigMap %q is not in the build", src.ConfigMapRef.Name)
-			}
-			for k, v := range cm.Data {
-				env[k] = v
-			}
-		case src.SecretRef != nil:
+		if src.SecretRef != nil {
 			secret = src.SecretRef.Name != "" && src.SecretRef.Optional != nil && *src.SecretRef.Optional
 		}
 	}
 	if !secret {
 		t.Error("no optional Secret for the S3 credentials")
 	}
-	cfg, _ := berthConfig(t, r, env)
+	cfg, _ := berthConfig(t, r, containerEnv(t, r, b))
 	if cfg.S3.Bucket == "" || cfg.S3.Region == "" {
 		t.Fatalf("S3 not configured: %+v", cfg.S3)
 	}
@@ -439,6 +431,7 @@ func TestS3OverlayConfiguresTheSharedCache(t *testing.T) {
 	if cfg.Listen != "127.0.0.1:5000" || !r.ds.Spec.Template.Spec.HostNetwork {
 		t.Errorf("the overlay changed the base: listen %s", cfg.Listen)
 	}
+	checkFleetPort(t, r, cfg)
 }
 
 func TestMonitoringOverlayIsScrapeable(t *testing.T) {
@@ -452,17 +445,120 @@ func TestMonitoringOverlayIsScrapeable(t *testing.T) {
 			t.Errorf("ServiceMonitor selects %s=%s; the Service has labels %v", k, v, r.svc.Labels)
 		}
 	}
-	if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != r.svc.Spec.Ports[0].Name || sm.Spec.Endpoints[0].Path != "/metrics" {
-		t.Errorf("ServiceMonitor endpoints %+v: want the Service's port %q, /metrics", sm.Spec.Endpoints, r.svc.Spec.Ports[0].Name)
+	b := container(t, r.ds.Spec.Template.Spec, "berth", false)
+	cfg, _ := berthConfig(t, r, containerEnv(t, r, b))
+	// The registry stays on the node's loopback; Prometheus scrapes the
+	// fleet port, which is on the node IP (the pod IP under hostNetwork).
+	if cfg.Listen != "127.0.0.1:5000" {
+		t.Errorf("berth's registry listens on %s, want the node's loopback 127.0.0.1:5000", cfg.Listen)
+	}
+	checkFleetPort(t, r, cfg)
+	if len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != "fleet" || sm.Spec.Endpoints[0].Path != "/metrics" {
+		t.Errorf("ServiceMonitor endpoints %+v: want the Service's port fleet, /metrics", sm.Spec.Endpoints)
+	}
+	if cfg.Fleet.MetricsAuth && sm.Spec.Endpoints[0].Authorization == nil {
+		t.Errorf("/metrics needs the fleet token (fleet.metrics_auth), and the ServiceMonitor sends none")
+	}
+}
+
+// nodeIP stands for the node's address, which the downward API gives the
+// pod as status.hostIP.
+const nodeIP = "10.0.3.7"
+
+// containerEnv is the environment kubelet gives container c: its envFrom
+// ConfigMaps, then its env entries with $(VAR) references expanded, the
+// downward API's status.hostIP as nodeIP. A variable naming a file in a
+// mounted Secret (BERTH_FLEET_TOKEN_FILE) is pointed at a file holding
+// what such a Secret would.
+func containerEnv(t *testing.T, r rendered, c *corev1.Container) map[string]string {
+	t.Helper()
+	env := map[string]string{}
+	for _, src := range c.EnvFrom {
+		if src.ConfigMapRef != nil {
+			cm := r.cms[src.ConfigMapRef.Name]
+			if cm == nil {
+				t.Fatalf("envFrom ConfigMap %q is not in the build", src.ConfigMapRef.Name)
+			}
+			for k, v := range cm.Data {
+				env[k] = v
+			}
+		}
+	}
+	for _, e := range c.Env {
+		switch {
+		case e.ValueFrom == nil:
+			v := e.Value
+			for k, val := range env {
+				v = strings.ReplaceAll(v, "$("+k+")", val)
+			}
+			if strings.Contains(v, "$(") {
+				t.Errorf("env %s=%q refers to a variable not defined before it", e.Name, e.Value)
+			}
+			env[e.Name] = v
+		case e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.hostIP":
+			env[e.Name] = nodeIP
+		default:
+			t.Fatalf("env %s: no value known for %+v", e.Name, e.ValueFrom)
+		}
+	}
+	if path, ok := env["BERTH_FLEET_TOKEN_FILE"]; ok {
+		secret := secretMountedAt(t, r, c, path)
+		if secret != "berth-fleet" {
+			t.Errorf("fleet token file %s is not in a mounted Secret berth-fleet (%q)", path, secret)
+		}
+		tokens := filepath.Join(t.TempDir(), "tokens")
+		if err := os.WriteFile(tokens, []byte("3f1c9b0e6a2d4f7c8e1b5a9d0c3e6f2a\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		env["BERTH_FLEET_TOKEN_FILE"] = tokens
+	}
+	return env
+}
+
+// secretMountedAt names the Secret whose volume c mounts at path's
+// directory, or "".
+func secretMountedAt(t *testing.T, r rendered, c *corev1.Container, path string) string {
+	t.Helper()
+	for _, m := range c.VolumeMounts {
+		if filepath.Dir(path) != m.MountPath {
+			continue
+		}
+		for _, v := range r.ds.Spec.Template.Spec.Volumes {
+			if v.Name == m.Name && v.Secret != nil {
+				return v.Secret.SecretName
+			}
+		}
+	}
+	return ""
+}
+
+// checkFleetPort: the fleet port listens on the node IP, is what the node
+// advertises to its peers, is declared as the container's port fleet and
+// the Service's, and needs the token.
+func checkFleetPort(t *testing.T, r rendered, cfg *config.Config) {
+	t.Helper()
+	if cfg.FleetListen != nodeIP+":5001" {
+		t.Errorf("fleet_listen %q, want the node IP's port 5001 (%s:5001)", cfg.FleetListen, nodeIP)
+	}
+	if cfg.S3.Advertise != "http://"+nodeIP+":5001" {
+		t.Errorf("s3.advertise %q, want the fleet port http://%s:5001", cfg.S3.Advertise, nodeIP)
+	}
+	if cfg.Fleet.TokenFile == "" {
+		t.Error("no fleet token file")
 	}
 	b := container(t, r.ds.Spec.Template.Spec, "berth", false)
-	env := map[string]string{}
-	for _, e := range b.Env {
-		env[e.Name] = e.Value
+	declared := false
+	for _, p := range b.Ports {
+		declared = declared || (p.Name == "fleet" && p.ContainerPort == 5001 && p.HostPort == 5001)
 	}
-	cfg, _ := berthConfig(t, r, env)
-	// Prometheus reaches the pod IP, which under hostNetwork is the node's.
-	if cfg.Listen != "0.0.0.0:5000" {
-		t.Errorf("berth listens on %s: Prometheus cannot reach it", cfg.Listen)
+	if !declared {
+		t.Errorf("container ports %+v: no port fleet 5001", b.Ports)
+	}
+	inService := false
+	for _, p := range r.svc.Spec.Ports {
+		inService = inService || (p.Name == "fleet" && p.Port == 5001 && p.TargetPort.StrVal == "fleet")
+	}
+	if !inService || len(r.svc.Spec.Ports) != 2 {
+		t.Errorf("Service ports %+v: want registry and fleet", r.svc.Spec.Ports)
 	}
 }

@@ -112,7 +112,12 @@ func New(o Options) (*Engine, error) {
 	if o.PeerTransport == nil {
 		o.PeerTransport = defaultPeerTransport
 	}
-	e.peers = &http.Client{Transport: o.PeerTransport}
+	e.peers = &http.Client{
+		Transport: o.PeerTransport,
+		// A peer answers or refuses; following a redirect would carry this
+		// host's fleet credential (added by the transport) somewhere else.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
 	e.life, e.cancel = context.WithCancel(context.Background())
 	if err := e.Reload(o.Config); err != nil {
 		e.cancel()

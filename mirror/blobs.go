@@ -26,17 +26,28 @@ func (s *Server) routeBlob(w *responseWriter, r *http.Request) {
 		return
 	}
 	switch {
-	case r.Method == http.MethodHead:
-		s.headBlob(w, r, repo, d)
 	case r.Header.Get(engine.PeerHeader) != "":
 		// Another berth: from disk or a download already running, never
-		// by starting one, so two hosts can never wait on each other.
+		// by starting one (nor by asking the upstream), so two hosts can
+		// never wait on each other.
 		b, err := s.eng.PeerBlob(r.Context(), storage.Key{Upstream: repo.Upstream, Digest: d})
 		if errors.Is(err, storage.ErrNotFound) {
 			serveError(w, v2.ErrorCodeBlobUnknown.WithMessage("not on this berth and not downloading"))
 			return
 		}
+		if err == nil && r.Method == http.MethodHead && !b.Seekable() {
+			// A download in progress: its size, not its bytes.
+			b.Close()
+			blobHeaders(w, d)
+			if b.Size >= 0 {
+				w.Header().Set("Content-Length", strconv.FormatInt(b.Size, 10))
+			}
+			w.WriteHeader(http.StatusOK)
+			return
+		}
 		s.sendBlob(w, r, b, err)
+	case r.Method == http.MethodHead:
+		s.headBlob(w, r, repo, d)
 	default:
 		b, err := s.eng.Blob(r.Context(), repo, d)
 		s.sendBlob(w, r, b, err)

@@ -2,24 +2,31 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
+	"github.com/distribution/distribution/v3/registry/api/errcode"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/sirupsen/logrus"
 
+	"github.com/berth-dev/berth/auth"
 	"github.com/berth-dev/berth/config"
 	"github.com/berth-dev/berth/engine"
 	"github.com/berth-dev/berth/healthcheck"
@@ -130,7 +137,8 @@ func serve(l *loader, cfg *config.Config) error {
 }
 
 // daemon is one running berth: its tiers, engine, registry API, health
-// checks and listener.
+// checks and listeners: the registry listener (listen) and, when
+// configured, the fleet port (fleet_listen).
 type daemon struct {
 	cfg     *config.Config
 	log     *logrus.Logger
@@ -139,6 +147,92 @@ type daemon struct {
 	checker *healthcheck.Checker
 	ln      net.Listener
 	http    *http.Server
+
+	// The fleet port; nil without fleet_listen.
+	fleetLn   net.Listener
+	fleetHTTP *http.Server
+
+	// Credentials, re-read on SIGHUP; each nil when not configured.
+	tokens    *auth.Tokens        // fleet.token_file: accepted on the fleet port, the first sent to peers
+	serverTLS *auth.ServerTLS     // fleet.tls.cert_file, key_file, client_ca_file
+	peers     *auth.PeerTransport // how this host calls its peers' fleet ports
+	htpasswd  *auth.HTPasswd      // auth.htpasswd on the registry listener
+}
+
+// newCredentials reads the credential files of cfg: the fleet tokens, the
+// fleet port's TLS, the transport to peers and the registry listener's
+// htpasswd. Config validation has read them already; an error here means a
+// file changed in between. Errors name the setting and the file, never a
+// secret.
+func (d *daemon) newCredentials(cfg *config.Config) error {
+	f := cfg.Fleet
+	var err error
+	if f.TokenFile != "" {
+		if d.tokens, err = auth.LoadTokens(f.TokenFile); err != nil {
+			return fmt.Errorf("fleet.token_file: %w", err)
+		}
+	}
+	if cfg.FleetListen != "" && f.TLS.Enabled() {
+		if d.serverTLS, err = auth.NewServerTLS(f.TLS.CertFile, f.TLS.KeyFile, f.TLS.ClientCAFile); err != nil {
+			return fmt.Errorf("fleet.tls: %w", err)
+		}
+	}
+	if d.tokens != nil || f.TLS.CertFile != "" || f.TLS.CAFile != "" || f.TLS.ServerName != "" {
+		d.peers, err = auth.NewPeerTransport(auth.PeerOptions{
+			Base: engine.NewPeerTransport(), Tokens: d.tokens,
+			CAFile: f.TLS.CAFile, CertFile: f.TLS.CertFile, KeyFile: f.TLS.KeyFile, ServerName: f.TLS.ServerName,
+		})
+		if err != nil {
+			return fmt.Errorf("fleet.tls: %w", err)
+		}
+	}
+	if cfg.Auth.HTPasswd != "" {
+		if d.htpasswd, err = auth.NewHTPasswd(cfg.Auth.HTPasswd, cfg.Auth.Realm); err != nil {
+			return fmt.Errorf("auth.htpasswd: %w", err)
+		}
+		var mu sync.Mutex
+		var last time.Time
+		d.htpasswd.OnError = func(err error) {
+			mu.Lock()
+			defer mu.Unlock()
+			if time.Since(last) < time.Minute {
+				return
+			}
+			last = time.Now()
+			d.log.WithError(err).Error("auth.htpasswd cannot be read")
+		}
+	}
+	return nil
+}
+
+// reloadCredentials re-reads every credential file (SIGHUP). Each one that
+// fails keeps what was in force, and the first error is returned.
+func (d *daemon) reloadCredentials() error {
+	var errs []error
+	if d.tokens != nil {
+		if err := d.tokens.Reload(); err != nil {
+			errs = append(errs, fmt.Errorf("fleet.token_file: %w", err))
+		}
+	}
+	if d.serverTLS != nil {
+		if err := d.serverTLS.Reload(); err != nil {
+			errs = append(errs, fmt.Errorf("fleet.tls: %w", err))
+		}
+	}
+	if d.peers != nil {
+		if err := d.peers.Reload(); err != nil {
+			errs = append(errs, fmt.Errorf("fleet.tls: %w", err))
+		}
+	}
+	if d.htpasswd != nil {
+		if err := d.htpasswd.Reload(); err != nil {
+			errs = append(errs, fmt.Errorf("auth.htpasswd: %w", err))
+		}
+	}
+	if len(errs) > 0 {
+		return errs[0]
+	}
+	return nil
 }
 
 // newDaemon opens the cache, builds the engine and the registry API over
@@ -159,11 +253,18 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.eng, err = engine.New(engine.Options{
+	if err := d.newCredentials(cfg); err != nil {
+		return nil, err
+	}
+	opts := engine.Options{
 		Config: cfg, Local: d.local, Bucket: bucket, Log: entry, Metrics: reg,
 		LeaseTTL: cfg.S3.LeaseTTL.D(), Advertise: cfg.S3.Advertise,
 		SourceIdleTimeout: cfg.SourceIdleTimeout.D(),
-	})
+	}
+	if d.peers != nil {
+		opts.PeerTransport = d.peers
+	}
+	d.eng, err = engine.New(opts)
 	if err != nil {
 		return nil, err
 	}
@@ -171,26 +272,112 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 		d.eng.Close()
 		return nil, err
 	}
+	if cfg.FleetListen != "" {
+		if d.fleetLn, err = net.Listen("tcp", cfg.FleetListen); err != nil {
+			d.ln.Close()
+			d.eng.Close()
+			return nil, fmt.Errorf("fleet_listen: %w", err)
+		}
+	}
 	d.checker = healthcheck.New(reg)
 	d.checker.Add("data-dir", healthcheck.Liveness, 10*time.Second, 5*time.Second, healthcheck.DirWritable(filepath.Join(cfg.Data, "tmp")))
 	d.checker.Add("listener", healthcheck.Readiness, 5*time.Second, 2*time.Second, healthcheck.TCPDial(d.ln.Addr().String()))
+	if d.fleetLn != nil {
+		d.checker.Add("fleet-listener", healthcheck.Readiness, 5*time.Second, 2*time.Second, healthcheck.TCPDial(d.fleetLn.Addr().String()))
+	}
 	addUpstreamChecks(d.checker, d.eng, cfg)
 	if ping := d.eng.BucketHealth(); ping != nil {
 		d.checker.Add("s3", healthcheck.Informational, 5*time.Second, 5*time.Second, ping)
 	}
 
+	registry := mirror.New(d.eng, reg, entry)
+	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
+	health := d.checker.Handler()
 	mux := http.NewServeMux()
-	mux.Handle("/v2/", mirror.New(d.eng, reg, entry))
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+	mux.Handle("/v2/", registry)
+	mux.Handle("/metrics", metrics)
 	for _, p := range []string{"/healthz", "/livez", "/readyz", "/status"} {
-		mux.Handle(p, d.checker.Handler())
+		mux.Handle(p, health)
+	}
+	var handler http.Handler = mux
+	if d.htpasswd != nil {
+		// Probes stay open; everything else, /metrics and /status
+		// included, needs a user and password.
+		guarded := auth.RequireHTPasswd(d.htpasswd, mux)
+		handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if isProbe(r.URL.Path) {
+				mux.ServeHTTP(w, r)
+				return
+			}
+			guarded.ServeHTTP(w, r)
+		})
 	}
 	d.http = &http.Server{
-		Handler:           mux,
+		Handler:           handler,
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+
+	if d.fleetLn != nil {
+		guard := func(h http.Handler) http.Handler { return auth.RequireFleetCredential(d.tokens, h) }
+		fleet := http.NewServeMux()
+		fleet.Handle("/v2/", guard(peersOnly(registry)))
+		if cfg.Fleet.MetricsAuth {
+			fleet.Handle("/metrics", guard(metrics))
+		} else {
+			fleet.Handle("/metrics", metrics)
+		}
+		for _, p := range []string{"/healthz", "/livez", "/readyz"} {
+			fleet.Handle(p, health)
+		}
+		fleet.Handle("/status", guard(health))
+		fleet.Handle("/", guard(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fleetError(w, errcode.ErrorCodeUnsupported.WithMessage("not served on the fleet port"), http.StatusNotFound)
+		})))
+		d.fleetHTTP = &http.Server{
+			Handler:           fleet,
+			ReadHeaderTimeout: 30 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			// Failed TLS handshakes (clients without a certificate, the
+			// readiness check's bare TCP dial) are not worth more than debug.
+			ErrorLog: log.New(d.log.WriterLevel(logrus.DebugLevel), "fleet port: ", 0),
+		}
+		if d.serverTLS != nil {
+			d.fleetLn = tls.NewListener(d.fleetLn, d.serverTLS.Config())
+		}
+	}
 	return d, nil
+}
+
+// isProbe reports whether path is a health probe, which needs no credential.
+func isProbe(path string) bool {
+	return path == "/healthz" || path == "/livez" || path == "/readyz"
+}
+
+// peerBlobPath is a blob GET's path: /v2/<name>/blobs/<digest>.
+var peerBlobPath = regexp.MustCompile(`^/v2/.+/blobs/[a-z0-9]+(?:[+._-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$`)
+
+// peersOnly lets through to the registry API only what the fleet port
+// serves: blob GETs and HEADs from other berths (the Berth-Peer header),
+// which the registry API answers from disk or a download in progress and
+// never by contacting an upstream. Anything else gets a registry error and
+// starts nothing.
+func peersOnly(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if (r.Method == http.MethodGet || r.Method == http.MethodHead) && r.Header.Get(engine.PeerHeader) != "" && peerBlobPath.MatchString(r.URL.Path) {
+			next.ServeHTTP(w, r)
+			return
+		}
+		fleetError(w, errcode.ErrorCodeDenied.WithMessage("the fleet port serves blobs to other berths only; pull through the registry listener"), http.StatusForbidden)
+	})
+}
+
+// fleetError answers with the registry error JSON and status.
+func fleetError(w http.ResponseWriter, err errcode.Error, status int) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(errcode.Errors{err})
 }
 
 // openBucket builds the S3 tier when one is configured; nil otherwise.
@@ -210,18 +397,33 @@ func (d *daemon) run(l *loader, sigs <-chan os.Signal) error {
 	entry := logrus.NewEntry(d.log)
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
-	served := make(chan error, 1)
+	served := make(chan error, 2)
 	go func() { served <- d.http.Serve(d.ln) }()
+	if d.fleetHTTP != nil {
+		go func() { served <- fmt.Errorf("fleet port: %w", d.fleetHTTP.Serve(d.fleetLn)) }()
+	}
 	// After Serve: /healthz answers at once, /readyz once the first round is in.
 	d.checker.Start(ctx)
 	notifier, err := healthcheck.Notify(ctx, d.checker)
 	if err != nil {
 		entry.WithError(err).Warn("systemd notification")
 	}
-	entry.WithFields(logrus.Fields{
+	fields := logrus.Fields{
 		"listen": d.ln.Addr().String(), "data": d.cfg.Data, "upstreams": upstreamSummary(d.cfg),
 		"default_upstream": d.cfg.DefaultUpstream, "cache_size": int64(d.cfg.Cache.Size), "tag_ttl": d.cfg.TagTTL.String(),
-	}).Info("berth serving")
+	}
+	if d.fleetLn != nil {
+		fields["fleet_listen"] = d.fleetLn.Addr().String()
+		fields["fleet_tls"] = map[bool]string{true: "tls", false: "off"}[d.serverTLS != nil]
+		if d.serverTLS != nil && d.serverTLS.Mutual() {
+			fields["fleet_tls"] = "mutual"
+		}
+		fields["fleet_tokens"] = d.tokens.Len()
+	}
+	if d.htpasswd != nil {
+		fields["htpasswd"] = d.cfg.Auth.HTPasswd
+	}
+	entry.WithFields(fields).Info("berth serving")
 
 	for {
 		select {
@@ -247,12 +449,22 @@ func (d *daemon) run(l *loader, sigs <-chan os.Signal) error {
 // the rest and stops the engine's downloads, leaving no partial file.
 func (d *daemon) shutdown(entry *logrus.Entry) {
 	sctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout.D())
-	err := d.http.Shutdown(sctx)
-	cancel()
-	if err != nil {
-		entry.WithError(err).Warn("shutdown deadline passed; cutting remaining pulls")
-		d.http.Close()
+	var wg sync.WaitGroup
+	for _, srv := range []*http.Server{d.http, d.fleetHTTP} {
+		if srv == nil {
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Shutdown(sctx); err != nil {
+				entry.WithError(err).Warn("shutdown deadline passed; cutting remaining pulls")
+				srv.Close()
+			}
+		}()
 	}
+	wg.Wait()
+	cancel()
 	d.eng.Close()
 	entry.Info("stopped")
 }
@@ -268,6 +480,14 @@ func (d *daemon) reload(l *loader) error {
 	if next.Listen != old.Listen || next.Data != old.Data || next.S3 != old.S3 {
 		return fmt.Errorf("listen, data and s3 settings cannot change without a restart (running: listen %s, data %s, s3 bucket %q)", old.Listen, old.Data, old.S3.Bucket)
 	}
+	if next.FleetListen != old.FleetListen || next.Fleet != old.Fleet || next.Auth != old.Auth {
+		return fmt.Errorf("fleet_listen, fleet and auth settings cannot change without a restart; SIGHUP re-reads the files they name (running: fleet_listen %q)", old.FleetListen)
+	}
+	// The credential files first: a file that cannot be used rejects the
+	// whole reload, and what was in force stays.
+	if err := d.reloadCredentials(); err != nil {
+		return err
+	}
 	if err := d.eng.Reload(next); err != nil {
 		return err
 	}
@@ -277,7 +497,11 @@ func (d *daemon) reload(l *loader) error {
 		d.checker.Remove("upstream:" + h)
 	}
 	addUpstreamChecks(d.checker, d.eng, next)
-	d.log.WithField("changed", configChanges(old, next)).Info("configuration reloaded")
+	fields := logrus.Fields{"changed": configChanges(old, next)}
+	if d.tokens != nil {
+		fields["fleet_tokens"] = d.tokens.Len() // how many, never which
+	}
+	d.log.WithFields(fields).Info("configuration reloaded")
 	d.cfg = next
 	return nil
 }
