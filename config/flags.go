@@ -66,7 +66,7 @@ var settings = []setting{
 			c.Cache.Size = Size(n)
 			return err
 		}},
-	{flag: "shutdown-timeout", key: "shutdown_timeout", env: "BERTH_SHUTDOWN_TIMEOUT", usage: "`DURATION` in-flight pulls may run after SIGTERM (default 30s)",
+	{flag: "shutdown-timeout", key: "shutdown_timeout", env: "BERTH_SHUTDOWN_TIMEOUT", usage: "`DURATION` berth keeps serving the pulls under way after SIGTERM before it cuts them (default 30s)",
 		set: durationSetting(func(c *Config) *Duration { return &c.ShutdownTimeout })},
 	{flag: "log-level", key: "log.level", env: "BERTH_LOG_LEVEL", usage: "`LEVEL`: debug, info, warn or error (default info)",
 		set: stringSetting(func(c *Config) *string { return &c.Log.Level })},

@@ -17,6 +17,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -151,6 +152,8 @@ type daemon struct {
 	// The fleet port; nil without fleet_listen.
 	fleetLn   net.Listener
 	fleetHTTP *http.Server
+
+	activity activity // requests being served, for the lame-duck drain
 
 	// Credentials, re-read on SIGHUP; each nil when not configured.
 	tokens    *auth.Tokens        // fleet.token_file: accepted on the fleet port, the first sent to peers
@@ -313,7 +316,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 		})
 	}
 	d.http = &http.Server{
-		Handler:           handler,
+		Handler:           d.activity.track(handler),
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
@@ -335,7 +338,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 			fleetError(w, errcode.ErrorCodeUnsupported.WithMessage("not served on the fleet port"), http.StatusNotFound)
 		})))
 		d.fleetHTTP = &http.Server{
-			Handler:           fleet,
+			Handler:           d.activity.track(fleet),
 			ReadHeaderTimeout: 30 * time.Second,
 			IdleTimeout:       2 * time.Minute,
 			// Failed TLS handshakes (clients without a certificate, the
@@ -436,19 +439,58 @@ func (d *daemon) run(l *loader, sigs <-chan os.Signal) error {
 				}
 				continue
 			}
-			entry.WithField("signal", sig.String()).Info("shutting down: finishing in-flight pulls")
+			entry.WithField("signal", sig.String()).Info("shutting down: not ready any more, serving the pulls under way")
 			notifier.Stopping()
+			cut := d.drain(entry, sigs)
 			stop()
-			d.shutdown(entry)
+			d.shutdown(entry, cut)
 			return nil
 		}
 	}
 }
 
-// shutdown lets in-flight pulls finish within shutdown_timeout, then cuts
-// the rest and stops the engine's downloads, leaving no partial file.
-func (d *daemon) shutdown(entry *logrus.Entry) {
-	sctx, cancel := context.WithTimeout(context.Background(), d.cfg.ShutdownTimeout.D())
+// drainQuiet is how long berth must have served no request before it exits
+// on SIGTERM: a pull is a sequence of requests over a few connections, and
+// a client that made one in the last few seconds is still pulling.
+const drainQuiet = 3 * time.Second
+
+// drain is the lame duck after SIGTERM: berth reports not ready at once,
+// so no new work is sent its way, but it keeps accepting requests and
+// starting downloads while pulls are under way. It returns once no request
+// has come for drainQuiet, and reports cut at shutdown_timeout or on a
+// second SIGTERM, when what is left is to be cut.
+func (d *daemon) drain(entry *logrus.Entry, sigs <-chan os.Signal) (cut bool) {
+	d.checker.Add("shutdown", healthcheck.Readiness, time.Second, time.Second, func(context.Context) error {
+		return errors.New("berth is shutting down")
+	})
+	deadline := time.Now().Add(d.cfg.ShutdownTimeout.D())
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for d.activity.quietFor() < drainQuiet {
+		if time.Now().After(deadline) {
+			entry.Warn("shutdown_timeout passed with pulls still running; cutting them")
+			return true
+		}
+		select {
+		case sig := <-sigs:
+			if sig != syscall.SIGHUP {
+				entry.WithField("signal", sig.String()).Warn("second signal: cutting the pulls still running")
+				return true
+			}
+		case <-tick.C:
+		}
+	}
+	return false
+}
+
+// shutdown stops the listeners (at once when cut, else letting the last
+// responses finish) and the engine's downloads, leaving no partial file.
+func (d *daemon) shutdown(entry *logrus.Entry, cut bool) {
+	wait := 5 * time.Second
+	if cut {
+		wait = 0
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), wait)
 	var wg sync.WaitGroup
 	for _, srv := range []*http.Server{d.http, d.fleetHTTP} {
 		if srv == nil {
@@ -458,7 +500,6 @@ func (d *daemon) shutdown(entry *logrus.Entry) {
 		go func() {
 			defer wg.Done()
 			if err := srv.Shutdown(sctx); err != nil {
-				entry.WithError(err).Warn("shutdown deadline passed; cutting remaining pulls")
 				srv.Close()
 			}
 		}()
@@ -545,4 +586,35 @@ func configChanges(a, b *config.Config) string {
 		return "nothing"
 	}
 	return strings.Join(out, "; ")
+}
+
+// activity counts the requests being served and when the last one was,
+// leaving out probes and scrapes, which say nothing about pulls.
+type activity struct {
+	active atomic.Int64
+	last   atomic.Int64 // unix nanoseconds
+}
+
+func (a *activity) track(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isProbe(r.URL.Path) || r.URL.Path == "/metrics" || r.URL.Path == "/status" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		a.active.Add(1)
+		a.last.Store(time.Now().UnixNano())
+		defer func() {
+			a.last.Store(time.Now().UnixNano())
+			a.active.Add(-1)
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// quietFor is how long no request has been served: 0 while one is.
+func (a *activity) quietFor() time.Duration {
+	if a.active.Load() > 0 {
+		return 0
+	}
+	return time.Since(time.Unix(0, a.last.Load()))
 }
