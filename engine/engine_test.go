@@ -156,8 +156,9 @@ func TestFinishedDownloadOfUnknownSize(t *testing.T) {
 // manifest fetch is still running.
 func TestCloseWaitsForBackgroundWork(t *testing.T) {
 	u := newUpstreamFake(t)
-	hung := make(chan struct{})
+	hung, entered := make(chan struct{}), make(chan struct{})
 	u.set("GET", "/v2/org/app/manifests/v1", func(w http.ResponseWriter, r *http.Request) {
+		close(entered)
 		select {
 		case <-r.Context().Done():
 		case <-u.stop:
@@ -169,6 +170,12 @@ func TestCloseWaitsForBackgroundWork(t *testing.T) {
 	defer cancel()
 	if _, err := e.Manifest(ctx, e.repo, "v1", nil); err == nil {
 		t.Fatal("manifest from a hung upstream")
+	}
+	// The caller gave up; the fetch it started goes on in the background.
+	select {
+	case <-entered:
+	case <-time.After(testTimeout):
+		t.Fatal("the background fetch never reached the upstream")
 	}
 	e.Close()
 	e.bgMu.Lock()
