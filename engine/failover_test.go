@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -125,4 +126,109 @@ func TestFailoverWhenThePeerDiesMidStream(t *testing.T) {
 		return err == nil
 	})
 	close(gate)
+}
+
+// peerOf serves e's PeerBlob over HTTP, as a berth's fleet port does; e is
+// read when a request comes, so it may be set after the server starts.
+func peerOf(t *testing.T, e **testEngine) *httptest.Server {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		dd, _ := digest.Parse(r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:])
+		b, err := (*e).PeerBlob(r.Context(), storage.Key{Upstream: r.URL.Query().Get("ns"), Digest: dd})
+		if err != nil {
+			w.WriteHeader(http.StatusNotFound)
+			return
+		}
+		defer b.Close()
+		w.Header().Set("Docker-Content-Digest", dd.String())
+		if b.Seekable() {
+			http.ServeContent(w, r, "", time.Time{}, b)
+			return
+		}
+		io.Copy(w, b)
+	}))
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// When the holder dies under several hosts streaming from it, one of them
+// takes the fetch over and the others stream from that one: the rest of
+// the blob crosses the upstream link once more, not once per host.
+func TestFailoverOneSurvivorFetchesForTheOthers(t *testing.T) {
+	u := newUpstreamFake(t)
+	content := randomBytes(92, 4<<20)
+	d := u.pushBlob("org/app", content)
+	path := blobPath("org/app", d)
+	gate := make(chan struct{})
+	defer close(gate)
+	var gets sync.Mutex
+	first := true
+	pause := u.pauseAfter(1<<20, gate)
+	u.set("GET", path, func(w http.ResponseWriter, r *http.Request) {
+		gets.Lock()
+		holderFetch := first
+		first = false
+		gets.Unlock()
+		if holderFetch {
+			pause(w, r)
+			return
+		}
+		rec := httptest.NewRecorder()
+		whole := r.Clone(r.Context())
+		whole.Header.Del("Range")
+		u.reg.ServeHTTP(rec, whole)
+		w.Header().Set("Docker-Content-Digest", d.String())
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(rec.Body.Bytes()))
+	})
+	var a, b, c *testEngine
+	pa, pb, pc := peerOf(t, &a), peerOf(t, &b), peerOf(t, &c)
+	bucket := storage.NewMemory(storage.MemoryOptions{Holder: pa.URL})
+	host := func(p *httptest.Server, bk storage.Bucket) *testEngine {
+		return newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = bk, p.URL })
+	}
+	a = host(pa, bucket)
+	b = host(pb, bucket.Host(pb.URL))
+	c = host(pc, bucket.Host(pc.URL))
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	ab, err := a.Blob(ctx, a.repo, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ab.Close()
+	var readers []*Blob
+	for _, e := range []*testEngine{b, c} {
+		r, err := e.Blob(ctx, e.repo, d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer r.Close()
+		if r.Source != "peer" {
+			t.Fatalf("source %q, want peer", r.Source)
+		}
+		if _, err := io.ReadFull(r, make([]byte, 256<<10)); err != nil {
+			t.Fatal(err)
+		}
+		readers = append(readers, r)
+	}
+	pa.CloseClientConnections() // the holder's berth dies
+	pa.Close()
+	var wg sync.WaitGroup
+	for i, r := range readers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rest, err := io.ReadAll(r)
+			if err != nil || !bytes.Equal(append(content[:256<<10:256<<10], rest...), content) {
+				t.Errorf("survivor %d: %d more bytes, %v", i, len(rest), err)
+			}
+		}()
+	}
+	wg.Wait()
+	if n := u.count("GET", path); n != 2 {
+		t.Fatalf("upstream GETs %d, want 2: the holder's, and one survivor's for the rest", n)
+	}
+	over := b.counter(b.fleet.leases.WithLabelValues("blob", "taken_over")) + c.counter(c.fleet.leases.WithLabelValues("blob", "taken_over"))
+	if over != 1 {
+		t.Fatalf("leases taken over %v, want 1", over)
+	}
 }

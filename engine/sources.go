@@ -309,23 +309,33 @@ func (h *hold) source() string {
 }
 
 // claim takes the blob's lease for this host if it has none: free, or
-// held by dead, the holder that just failed it.
-func (h *hold) claim(key storage.Key, dead string) {
+// held by dead, the holder that just failed it. When another host holds
+// it (one that took it over from dead first) it returns that holder, so
+// this host streams from it rather than fetching the blob once more.
+func (h *hold) claim(key storage.Key, dead string) (other string) {
 	e := h.e
 	b := e.fleet.use()
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if b == nil || h.lease != nil {
-		return
+		return ""
 	}
 	ttl := e.fleet.leaseTTL
-	l, err := b.AcquireLease(e.life, storage.BlobLeaseName(key), ttl)
+	name := storage.BlobLeaseName(key)
+	l, err := b.AcquireLease(e.life, name, ttl)
 	var held *storage.LeaseHeldError
 	if errors.As(err, &held) && held.Holder == dead && dead != "" {
-		l, err = b.TakeOver(e.life, held, ttl)
+		if l, err = b.TakeOver(e.life, held, ttl); err != nil {
+			// Another host took it over on the same sighting: look again
+			// to learn which.
+			l, err = b.AcquireLease(e.life, name, ttl)
+		}
+	}
+	if errors.As(err, &held) && held.Holder != dead {
+		return held.Holder
 	}
 	if err != nil {
-		return // another host fetches it too: one more upstream fetch, never a wrong byte
+		return "" // the bucket fails: one more upstream fetch, never a wrong byte
 	}
 	event := "taken"
 	if l.TookOver() {
@@ -333,6 +343,13 @@ func (h *hold) claim(key storage.Key, dead string) {
 	}
 	e.fleet.leases.WithLabelValues("blob", event).Inc()
 	h.lease, h.stop = l, e.keepLease(l)
+	return ""
+}
+
+func (h *hold) holds() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.lease != nil
 }
 
 // done stops renewing and releases the lease, if any.
@@ -384,13 +401,16 @@ func (e *Engine) resumer(key storage.Key, up *upstream, repo string, first sourc
 	kinds := []string{"peer", "s3", "upstream"}
 	kinds = kinds[max(0, slices.Index(kinds, first.label)):]
 	tries, reached := 0, int64(-1)
-	label := first.label
+	label, peer := first.label, first.holder
 	return func(offset int64, reason string) (source, error) {
 		e.metrics.resumes.WithLabelValues(label, reason).Inc()
 		if label == "peer" && h != nil {
 			// The holder this host streamed from failed: fetch the rest
-			// for the fleet, under the blob's lease if it can be had.
-			h.claim(key, first.holder)
+			// for the fleet under the blob's lease, or, when another host
+			// took the lease over first, stream from that host.
+			if other := h.claim(key, peer); isURL(other) && other != e.fleet.self {
+				peer = other
+			}
 		}
 		if offset > reached {
 			tries, reached = 0, offset
@@ -409,7 +429,10 @@ func (e *Engine) resumer(key storage.Key, up *upstream, repo string, first sourc
 				}
 			}
 			for _, kind := range kinds {
-				src, err := e.openAt(kind, key, up, repo, first.holder, offset)
+				if kind == "peer" && h != nil && h.holds() {
+					continue // this host fetches it for the fleet now
+				}
+				src, err := e.openAt(kind, key, up, repo, peer, offset)
 				if err != nil {
 					last = err
 					continue
