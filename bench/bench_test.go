@@ -95,6 +95,21 @@ func TestQuickRun(t *testing.T) {
 		"stall: stalled − (not stalling + 5s idle timeout) (s)",
 		"stall: upstream bytes ÷ image bytes",
 		"stall: failed pulls of 3",
+		"prewarm, 4 nodes: upstream bytes ÷ image bytes",
+		"prewarm, naive (4 nodes pull it themselves, no bucket): bytes from the upstream ÷ image bytes",
+		"prewarm, 4 nodes: time until all warm (s)",
+		"prewarm: one cold pull on one node (s)",
+		"prewarm, 4 nodes: time until all warm ÷ one cold pull",
+		"prewarm, naive: 4 nodes each pulling the image (s)",
+		"prewarm, 4 nodes: S3 requests per node per blob",
+		"prewarm, 20 pulls on a warmed node: bytes from the upstream",
+		"prewarm, 20 pulls on a warmed node: S3 blob GETs",
+		"prewarm, 20 pulls on a warmed node ÷ on a node that pulled it itself",
+		"prewarm, repeated on warm nodes: blob bytes from the upstream, S3 blob GETs",
+		"prewarm, 8 nodes × 3 × 256.0 KiB image: upstream bytes ÷ image bytes",
+		"prewarm, 8 nodes × 3 × 256.0 KiB image: S3 requests per node per blob",
+		"prewarm, 8 nodes × 3 × 256.0 KiB image: time until all warm (s)",
+		"prewarm, 8 nodes × 3 × 256.0 KiB image: berth prewarm peak RSS (MiB)",
 	}
 	if len(rows) != len(want) {
 		t.Errorf("table has %d rows, want %d", len(rows), len(want))

@@ -51,6 +51,9 @@ type options struct {
 	verbose   bool
 	perfDir   string
 
+	prewarmNodes, prewarmScale int   // nodes of the prewarm scenario's main and scale rounds
+	prewarmSmall               int64 // layer size of the scale round's image
+
 	berthBin, registryBin, nginxBin, minioBin string
 }
 
@@ -66,6 +69,7 @@ var allScenarios = []struct {
 	{"hang", "pull of a cached tag while the upstream hangs", (*bench).scenarioHang},
 	{"fleet", "three hosts sharing one S3 bucket (MinIO), ten cold pulls on each", (*bench).scenarioFleet},
 	{"stall", "concurrent cold pulls while the upstream stalls once in the middle of every layer", (*bench).scenarioStall},
+	{"prewarm", "berth prewarm onto N nodes on one bucket, beside each node pulling the image itself; then many nodes with a small image", (*bench).scenarioPrewarm},
 }
 
 func main() {
@@ -126,6 +130,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.rssConc, "rss-clients", 50, "concurrent clients streaming the big blob in the rss scenario")
 	fs.DurationVar(&o.hangCap, "hang-cap", 60*time.Second, "give up on a pull from a hung upstream after this long")
 	fs.DurationVar(&o.tagTTL, "tag-ttl", time.Second, "berth's --tag-ttl in the hang scenario (expired before each pull)")
+	fs.IntVar(&o.prewarmNodes, "prewarm-nodes", 8, "nodes berth prewarm warms in the prewarm scenario")
+	fs.IntVar(&o.prewarmScale, "prewarm-scale", 50, "nodes of the prewarm scenario's scale round (small image)")
+	o.prewarmSmall = 1 << 20
+	fs.Var(sizeFlag{&o.prewarmSmall}, "prewarm-small", "layer size of the prewarm scale round's image")
 	fs.DurationVar(&o.timeout, "timeout", 30*time.Minute, "abort the whole run after this long")
 	fs.StringVar(&o.workDir, "work", "", "work directory (default: a new temporary directory)")
 	fs.BoolVar(&o.keep, "keep", false, "keep the work directory (logs, caches) afterwards")
@@ -150,7 +158,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		for k, v := range map[string]string{
 			"layer-size": "4MiB", "ns": "1,20", "reps": "2", "big": "128MiB", "cpu-clients": "4",
-			"rss-clients": "20", "hang-cap": "10s",
+			"rss-clients": "20", "hang-cap": "10s", "prewarm-nodes": "4", "prewarm-scale": "8", "prewarm-small": "256KiB",
 		} {
 			if !set[k] {
 				if err := fs.Set(k, v); err != nil {
@@ -181,6 +189,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("-layers, -layer-size and -big must be positive")
 	case o.wallN < 1 || o.reps < 1 || o.cpuConc < 1 || o.cpuReads < 1 || o.rssConc < 1:
 		return o, errors.New("-wall-n, -reps, -cpu-clients, -cpu-reads and -rss-clients must be positive")
+	case o.prewarmNodes < 1 || o.prewarmScale < 1 || o.prewarmSmall < 1:
+		return o, errors.New("-prewarm-nodes, -prewarm-scale and -prewarm-small must be positive")
 	case o.rate < 0:
 		return o, errors.New("-rate must not be negative")
 	case o.fleetRate < -1:
@@ -305,7 +315,7 @@ func (b *bench) tools(ctx context.Context) error {
 			return fmt.Errorf("%w; install it with: apt-get install nginx-light", err)
 		}
 	}
-	if b.opt.minioBin == "" && slices.Contains(b.opt.scenarios, "fleet") {
+	if b.opt.minioBin == "" && (slices.Contains(b.opt.scenarios, "fleet") || slices.Contains(b.opt.scenarios, "prewarm")) {
 		if b.opt.minioBin, err = findTool(b.root, "minio"); err != nil {
 			return fmt.Errorf("%w; scripts/test installs it into ./bin", err)
 		}

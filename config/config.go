@@ -11,8 +11,10 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -41,6 +43,7 @@ type Config struct {
 	FleetListen     string              `yaml:"fleet_listen"` // the fleet port; "": none
 	Fleet           Fleet               `yaml:"fleet"`
 	Auth            Auth                `yaml:"auth"`
+	AdminTokenFile  string              `yaml:"admin_token_file"` // bearer tokens for the node API's writes; "": loopback only
 	Data            string              `yaml:"data"`
 	Log             Log                 `yaml:"log"`
 	Cache           Cache               `yaml:"cache"`
@@ -50,9 +53,11 @@ type Config struct {
 	StaleTimeout    Duration            `yaml:"stale_timeout"`
 	// SourceIdleTimeout is how long a blob download's source may send
 	// nothing before berth resumes it from the byte reached.
-	SourceIdleTimeout Duration `yaml:"source_idle_timeout"`
-	ShutdownTimeout   Duration `yaml:"shutdown_timeout"`
-	S3                S3       `yaml:"s3"`
+	SourceIdleTimeout Duration  `yaml:"source_idle_timeout"`
+	ShutdownTimeout   Duration  `yaml:"shutdown_timeout"`
+	S3                S3        `yaml:"s3"`
+	Inspector         Inspector `yaml:"inspector"`
+	Webhooks          []Webhook `yaml:"webhooks"`
 
 	// lines maps key paths ("cache.size", "upstreams.docker.io.url") to
 	// their line in the file, so validation errors can point at it.
@@ -125,6 +130,33 @@ type S3 struct {
 	LeaseTTL  Duration `yaml:"lease_ttl"`
 	Advertise string   `yaml:"advertise"` // URL other hosts reach this berth's fleet port at
 }
+
+// Inspector is the embedded image inspector (docs/inspector.md).
+type Inspector struct {
+	Enabled      bool    `yaml:"enabled"`
+	Queue        int     `yaml:"queue"`          // inspections waiting; beyond it they are dropped and counted
+	ShowEnvNames bool    `yaml:"show_env_names"` // show the names (never the values) of images' environment variables
+	Watch        []Watch `yaml:"watch"`
+}
+
+// Watch is a repository whose tags berth revalidates on a schedule, so
+// their changes are noticed (and webhooks sent) even when nothing pulls.
+type Watch struct {
+	Repository string   `yaml:"repository"` // upstream/name, e.g. docker.io/library/alpine
+	Tags       []string `yaml:"tags"`       // tag patterns (path.Match), e.g. "3.*", "latest"
+	Interval   Duration `yaml:"interval"`
+}
+
+// Webhook receives tag-change notifications.
+type Webhook struct {
+	URL          string   `yaml:"url"`
+	SecretFile   string   `yaml:"secret_file"`  // HMAC-SHA256 key for the Berth-Signature header; "": unsigned
+	Events       []string `yaml:"events"`       // new, changed, deleted; empty: all three
+	Repositories []string `yaml:"repositories"` // upstream/name patterns (path.Match); empty: every repository
+}
+
+// WebhookEvents are the tag events a webhook may ask for.
+var WebhookEvents = []string{"new", "changed", "deleted"}
 
 // String never shows credentials, so a Config can be logged.
 func (u Upstream) String() string {
@@ -204,7 +236,13 @@ func yamlError(err error) string {
 	for i, m := range msgs {
 		msgs[i] = unknownField.ReplaceAllString(m, `unknown key "$1"`)
 	}
-	return strings.Join(msgs, "; ")
+	return singleLine(strings.Join(msgs, "; "))
+}
+
+// oneLine escapes line breaks (a key or value in the file may hold them),
+// so an error is one log line and one message of `berth config check`.
+func singleLine(s string) string {
+	return strings.NewReplacer("\n", `\n`, "\r", `\r`).Replace(s)
 }
 
 // CheckDataDir makes sure the data directory exists or can be created, and is writable.
@@ -282,7 +320,7 @@ func (c *Config) Clone() *Config {
 func (c *Config) Validate() error {
 	var errs []string
 	add := func(key, format string, a ...any) {
-		errs = append(errs, c.where(key)+key+": "+fmt.Sprintf(format, a...))
+		errs = append(errs, singleLine(c.where(key)+key+": "+fmt.Sprintf(format, a...)))
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		add("listen", "%q is not HOST:PORT", c.Listen)
@@ -298,6 +336,11 @@ func (c *Config) Validate() error {
 		}
 	}
 	c.validateFleetFiles(add)
+	if c.AdminTokenFile != "" {
+		if _, err := auth.LoadTokens(c.AdminTokenFile); err != nil {
+			add("admin_token_file", "%v", err) // names the file and line, never a token
+		}
+	}
 	if c.Auth.HTPasswd != "" {
 		if err := auth.CheckHTPasswd(c.Auth.HTPasswd); err != nil {
 			add("auth.htpasswd", "%v", err)
@@ -377,10 +420,61 @@ func (c *Config) Validate() error {
 			add("s3.lease_ttl", "must be positive")
 		}
 	}
+	c.validateInspector(add)
 	if len(errs) > 0 {
 		return errors.New("invalid configuration: " + strings.Join(errs, "; "))
 	}
 	return nil
+}
+
+// validateInspector checks the inspector's queue, watch list and webhooks.
+func (c *Config) validateInspector(add func(key, format string, a ...any)) {
+	if c.Inspector.Queue <= 0 {
+		add("inspector.queue", "must be positive")
+	}
+	for i, w := range c.Inspector.Watch {
+		key := fmt.Sprintf("inspector.watch[%d]", i)
+		host, name, ok := strings.Cut(w.Repository, "/")
+		if !ok || name == "" {
+			add(key+".repository", "%q is not UPSTREAM/NAME, e.g. docker.io/library/alpine", w.Repository)
+		} else if _, known := c.Upstreams[host]; !known {
+			add(key+".repository", "%q: %s is not one of the upstreams", w.Repository, host)
+		}
+		if len(w.Tags) == 0 {
+			add(key+".tags", "needs at least one tag or pattern")
+		}
+		for _, p := range w.Tags {
+			if _, err := path.Match(p, ""); err != nil {
+				add(key+".tags", "%q is not a pattern: %v", p, err)
+			}
+		}
+		if w.Interval <= 0 {
+			add(key+".interval", "must be positive")
+		}
+	}
+	for i, h := range c.Webhooks {
+		key := fmt.Sprintf("webhooks[%d]", i)
+		if pu, err := url.Parse(h.URL); err != nil || (pu.Scheme != "http" && pu.Scheme != "https") || pu.Host == "" {
+			add(key+".url", "%q is not an http:// or https:// URL", h.URL)
+		}
+		if h.SecretFile != "" {
+			if b, err := os.ReadFile(h.SecretFile); err != nil {
+				add(key+".secret_file", "%v", err)
+			} else if strings.TrimSpace(string(b)) == "" {
+				add(key+".secret_file", "%s is empty", h.SecretFile)
+			}
+		}
+		for _, e := range h.Events {
+			if !slices.Contains(WebhookEvents, e) {
+				add(key+".events", "%q is not one of %s", e, strings.Join(WebhookEvents, ", "))
+			}
+		}
+		for _, p := range h.Repositories {
+			if _, err := path.Match(p, ""); err != nil {
+				add(key+".repositories", "%q is not a pattern: %v", p, err)
+			}
+		}
+	}
 }
 
 // validateFleetFiles reads the fleet's token, certificate and CA files, as

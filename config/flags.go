@@ -102,8 +102,23 @@ var settings = []setting{
 		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.CAFile })},
 	{flag: "fleet-tls-server-name", key: "fleet.tls.server_name", env: "BERTH_FLEET_TLS_SERVER_NAME", usage: "`NAME` peers' certificates are checked against (default the host of the peer's URL)",
 		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.ServerName })},
+	{flag: "admin-token-file", key: "admin_token_file", env: "BERTH_ADMIN_TOKEN_FILE", usage: "`FILE` of admin bearer tokens, one a line: the node API's writes (pre-warm) need one (default none: writes from loopback only)",
+		set: stringSetting(func(c *Config) *string { return &c.AdminTokenFile })},
 	{flag: "htpasswd", key: "auth.htpasswd", env: "BERTH_HTPASSWD", usage: "htpasswd `FILE` (bcrypt): pulls on --listen need a user and password (default none)",
 		set: stringSetting(func(c *Config) *string { return &c.Auth.HTPasswd })},
+	{flag: "inspector", key: "inspector.enabled", env: "BERTH_INSPECTOR", boolean: true, usage: "inspect every stored manifest in the background and serve /berth/v1/, /v1/images/ and /ui/ (default true)",
+		set: boolSetting(func(c *Config) *bool { return &c.Inspector.Enabled })},
+	{flag: "inspector-queue", key: "inspector.queue", env: "BERTH_INSPECTOR_QUEUE", usage: "`N` inspections that may wait; more are dropped and counted (default 256)",
+		set: func(c *Config, v string) error {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return fmt.Errorf("%q is not a number", v)
+			}
+			c.Inspector.Queue = n
+			return nil
+		}},
+	{flag: "inspector-show-env-names", key: "inspector.show_env_names", env: "BERTH_INSPECTOR_SHOW_ENV_NAMES", boolean: true, usage: "show the names (never the values) of images' environment variables (default false)",
+		set: boolSetting(func(c *Config) *bool { return &c.Inspector.ShowEnvNames })},
 	{flag: "auth-realm", key: "auth.realm", env: "BERTH_AUTH_REALM", usage: "`REALM` of the registry listener's Basic challenge (default berth)",
 		set: stringSetting(func(c *Config) *string { return &c.Auth.Realm })},
 }

@@ -36,6 +36,9 @@ type Server struct {
 func New(eng *engine.Engine, reg prometheus.Registerer, log *logrus.Entry) *Server {
 	s := &Server{eng: eng, log: log, metrics: newMetrics(reg)}
 	s.router = v2.RouterWithPrefix("")
+	// No path-cleaning redirects: clients of a registry send clean paths,
+	// and a redirect built from an odd request URI can point off this host.
+	s.router.SkipClean(true)
 	s.router.GetRoute(v2.RouteNameBase).Handler(s.handle("base", s.serveBase))
 	s.router.GetRoute(v2.RouteNameManifest).Handler(s.handle("manifest", s.routeManifest))
 	s.router.GetRoute(v2.RouteNameBlob).Handler(s.handle("blob", s.routeBlob))

@@ -29,8 +29,10 @@ import (
 
 	"github.com/berth-dev/berth/auth"
 	"github.com/berth-dev/berth/config"
+	"github.com/berth-dev/berth/coordinator"
 	"github.com/berth-dev/berth/engine"
 	"github.com/berth-dev/berth/healthcheck"
+	"github.com/berth-dev/berth/inspector"
 	"github.com/berth-dev/berth/mirror"
 	"github.com/berth-dev/berth/storage"
 )
@@ -294,13 +296,56 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 	}
 
 	registry := mirror.New(d.eng, reg, entry)
+	// Pre-warm's node API (docs/prewarm.md), on both listeners; its pins
+	// file is re-applied now, in the background.
+	var adminTokens *auth.Tokens
+	if cfg.AdminTokenFile != "" {
+		if adminTokens, err = auth.LoadTokens(cfg.AdminTokenFile); err != nil {
+			d.ln.Close()
+			d.eng.Close()
+			return nil, fmt.Errorf("admin_token_file: %w", err)
+		}
+	}
+	nodeAPI, err := coordinator.NewNode(coordinator.NodeOptions{
+		Engine: d.eng, Local: d.local, DataDir: cfg.Data, Version: version,
+		AdminTokens: adminTokens, Log: entry.WithField("component", "prewarm"), Upstreams: cfg.UpstreamHosts,
+	})
+	if err != nil {
+		d.ln.Close()
+		d.eng.Close()
+		return nil, err
+	}
 	metrics := promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
 	health := d.checker.Handler()
 	mux := http.NewServeMux()
 	mux.Handle("/v2/", registry)
+	mux.Handle(coordinator.APIPrefix, nodeAPI.Handler())
 	mux.Handle("/metrics", metrics)
 	for _, p := range []string{"/healthz", "/livez", "/readyz", "/status"} {
 		mux.Handle(p, health)
+	}
+	var ins *inspector.Inspector
+	if cfg.Inspector.Enabled {
+		// The image inspector (docs/inspector.md): background inspection,
+		// webhooks, the watch list, the scaler feed; its API and pages on
+		// the registry listener only.
+		ins, err = inspector.New(inspector.Options{
+			Engine: d.eng, Local: d.local, Bucket: bucket, Config: cfg, Metrics: reg,
+			Log: entry, Health: d.checker,
+		})
+		if err != nil {
+			d.ln.Close()
+			if d.fleetLn != nil {
+				d.fleetLn.Close()
+			}
+			d.eng.Close()
+			return nil, err
+		}
+		ins.Start()
+		insHandler := ins.Handler()
+		for _, p := range inspector.Routes {
+			mux.Handle(p, insHandler)
+		}
 	}
 	var handler http.Handler = mux
 	if d.htpasswd != nil {
@@ -320,6 +365,9 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 		ReadHeaderTimeout: 30 * time.Second,
 		IdleTimeout:       2 * time.Minute,
 	}
+	if ins != nil {
+		d.http.RegisterOnShutdown(ins.Close) // stops before the engine does
+	}
 
 	if d.fleetLn != nil {
 		guard := func(h http.Handler) http.Handler { return auth.RequireFleetCredential(d.tokens, h) }
@@ -334,6 +382,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 			fleet.Handle(p, health)
 		}
 		fleet.Handle("/status", guard(health))
+		fleet.Handle(coordinator.APIPrefix, nodeAPI.FleetHandler(d.tokens))
 		fleet.Handle("/", guard(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			fleetError(w, errcode.ErrorCodeUnsupported.WithMessage("not served on the fleet port"), http.StatusNotFound)
 		})))
