@@ -263,15 +263,3 @@ func TestDocumentedValueLocations(t *testing.T) {
 		}
 	}
 }
-
-func TestListMetrics(t *testing.T) {
-	if os.Getenv("BERTH_LIST_METRICS") == "" {
-		t.Skip("set BERTH_LIST_METRICS=1 to list berth's metrics")
-	}
-	var names []string
-	for m := range berthMetrics(t) {
-		names = append(names, m)
-	}
-	sort.Strings(names)
-	t.Log(strings.Join(names, "\n"))
-}

@@ -125,7 +125,7 @@ func FuzzRouting(f *testing.F) {
 		target := url.URL{Path: path, RawQuery: query}
 		u, err := url.ParseRequestURI(target.RequestURI())
 		if err != nil {
-			t.Skip()
+			return // net/http would answer 400 before any handler
 		}
 		req := httptest.NewRequest(http.MethodGet, "/", nil)
 		req.Method = method
