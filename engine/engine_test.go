@@ -7,9 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/http/httptest"
 	"os"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -386,18 +384,7 @@ func TestFleetStreamsFromTheLeaseHolder(t *testing.T) {
 	gate := make(chan struct{})
 	u.set("GET", blobPath("org/app", d), u.pauseAfter(128<<10, gate))
 	var holder *testEngine
-	peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		dd, _ := digest.Parse(r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:])
-		b, err := holder.PeerBlob(r.Context(), storage.Key{Upstream: r.URL.Query().Get("ns"), Digest: dd})
-		if err != nil {
-			w.WriteHeader(http.StatusNotFound)
-			return
-		}
-		defer b.Close()
-		w.Header().Set("Content-Length", fmt.Sprint(b.Size))
-		io.Copy(w, b)
-	}))
-	t.Cleanup(peer.Close)
+	peer := peerOf(t, &holder)
 	bucket := storage.NewMemory(storage.MemoryOptions{Holder: peer.URL})
 	holder = newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = bucket, peer.URL })
 	waiter := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = bucket.Host("waiter") })

@@ -3,7 +3,6 @@ package engine
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -72,17 +71,7 @@ func TestFailoverWhenThePeerDiesMidStream(t *testing.T) {
 		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(rec.Body.Bytes()))
 	})
 	var holder *testEngine
-	peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		dd, _ := digest.Parse(r.URL.Path[strings.LastIndex(r.URL.Path, "/")+1:])
-		b, err := holder.PeerBlob(r.Context(), storage.Key{Upstream: r.URL.Query().Get("ns"), Digest: dd})
-		if err != nil {
-			w.WriteHeader(http.StatusNotFound)
-			return
-		}
-		defer b.Close()
-		w.Header().Set("Content-Length", fmt.Sprint(b.Size))
-		io.Copy(w, b)
-	}))
+	peer := peerOf(t, &holder)
 	bucket := storage.NewMemory(storage.MemoryOptions{Holder: peer.URL})
 	holder = newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = bucket, peer.URL })
 	waiter := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = bucket.Host("waiter") })
