@@ -158,10 +158,14 @@ func NewS3(ctx context.Context, opts S3Options) (*S3, error) {
 	loadOpts := []func(*config.LoadOptions) error{
 		config.WithHTTPClient(httpClient),
 		config.WithRetryer(func() aws.Retryer {
-			return retry.NewStandard(func(so *retry.StandardOptions) {
+			// AccessDenied is retried too: MinIO has been seen to answer it,
+			// once, to a conditional PutObject on a bucket made moments
+			// before. A real denial fails again within the op timeout, and
+			// berth then leaves the bucket alone for a while.
+			return retry.AddWithErrorCodes(retry.NewStandard(func(so *retry.StandardOptions) {
 				so.MaxAttempts = opts.MaxAttempts
 				so.MaxBackoff = opts.MaxBackoff
-			})
+			}), "AccessDenied")
 		}),
 	}
 	if opts.Region != "" {

@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -463,5 +464,40 @@ func TestParseContentRange(t *testing.T) {
 		if _, _, ok := parseContentRange(in); ok {
 			t.Errorf("parseContentRange(%q) accepted", in)
 		}
+	}
+}
+
+// A transient AccessDenied (MinIO answered one to a conditional PutObject
+// on a bucket made moments before) is retried, not taken as a failing
+// bucket; one that persists still fails.
+func TestS3RetriesAccessDenied(t *testing.T) {
+	var puts atomic.Int32
+	denyFirst := int32(1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodPut {
+			w.WriteHeader(http.StatusNotFound)
+			return
+		}
+		if n := puts.Add(1); n <= atomic.LoadInt32(&denyFirst) {
+			w.Header().Set("Content-Type", "application/xml")
+			w.WriteHeader(http.StatusForbidden)
+			io.WriteString(w, `<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code><Message>Access Denied.</Message></Error>`)
+			return
+		}
+		w.Header().Set("ETag", `"e1"`)
+		w.WriteHeader(http.StatusOK)
+	}))
+	t.Cleanup(srv.Close)
+	s := newTestS3(t, srv.URL, func(o *S3Options) { o.MaxBackoff = 10 * time.Millisecond })
+	if _, err := s.AcquireLease(context.Background(), "blobs/x", time.Minute); err != nil {
+		t.Fatalf("a lease after one AccessDenied: %v", err)
+	}
+	if n := puts.Load(); n != 2 {
+		t.Fatalf("PUTs %d, want 2 (denied, then retried)", n)
+	}
+	puts.Store(0)
+	atomic.StoreInt32(&denyFirst, 100)
+	if _, err := s.AcquireLease(context.Background(), "blobs/y", time.Minute); err == nil {
+		t.Fatal("a lease although every PUT was denied")
 	}
 }
