@@ -23,6 +23,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -221,9 +222,15 @@ type bench struct {
 	failures []string
 }
 
+// logf may be called from concurrent pulls; the log is written whole lines at a time.
 func (b *bench) logf(format string, a ...any) {
-	fmt.Fprintf(b.log, "[%6.1fs] %s\n", time.Since(b.started).Seconds(), fmt.Sprintf(format, a...))
+	line := fmt.Sprintf("[%6.1fs] %s\n", time.Since(b.started).Seconds(), fmt.Sprintf(format, a...))
+	logMu.Lock()
+	defer logMu.Unlock()
+	io.WriteString(b.log, line)
 }
+
+var logMu sync.Mutex
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
 	opt, err := parseFlags(args, stderr)
