@@ -34,6 +34,10 @@ type Event struct {
 	MediaType string
 	Size      int64
 	Time      time.Time
+	// FromBucket, on ManifestStored: the manifest was read from the bucket,
+	// so another host fetched it from the upstream (and inspects it for the
+	// fleet); false: this host fetched it.
+	FromBucket bool
 }
 
 // Subscribe returns the engine's events from now on. The engine never

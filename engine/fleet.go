@@ -115,7 +115,7 @@ func (f *fleet) manifest(ctx context.Context, repo Repo, key storage.Key) bool {
 		}
 		return false
 	}
-	if err := f.e.storeManifest(repo, key, m); err != nil {
+	if err := f.e.storeManifest(repo, key, m, true); err != nil {
 		return false // digest mismatch or disk trouble: treat as absent
 	}
 	f.avoided.WithLabelValues("manifest").Inc()

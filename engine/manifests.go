@@ -255,7 +255,7 @@ func (e *Engine) fetchManifest(ctx context.Context, repo Repo, ref, accept strin
 	}
 	m := storage.Manifest{MediaType: manifestMediaType(resp.Header.Get("Content-Type"), body), Content: body}
 	key := storage.Key{Upstream: up.host, Digest: want}
-	if err := e.storeManifest(repo, key, m); err != nil {
+	if err := e.storeManifest(repo, key, m, false); err != nil {
 		e.log.WithError(err).Warn("could not cache manifest")
 	}
 	e.fleet.putManifest(ctx, key, m)
@@ -263,11 +263,11 @@ func (e *Engine) fetchManifest(ctx context.Context, repo Repo, ref, accept strin
 }
 
 // storeManifest keeps a verified manifest on disk and says so to subscribers.
-func (e *Engine) storeManifest(repo Repo, key storage.Key, m storage.Manifest) error {
+func (e *Engine) storeManifest(repo Repo, key storage.Key, m storage.Manifest, fromBucket bool) error {
 	if err := e.local.PutManifest(key, m); err != nil {
 		return err
 	}
-	e.publish(Event{Kind: ManifestStored, Repo: repo, Digest: key.Digest, MediaType: m.MediaType, Size: int64(len(m.Content))})
+	e.publish(Event{Kind: ManifestStored, Repo: repo, Digest: key.Digest, MediaType: m.MediaType, Size: int64(len(m.Content)), FromBucket: fromBucket})
 	return nil
 }
 

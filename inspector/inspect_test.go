@@ -2,6 +2,8 @@ package inspector
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -363,10 +365,12 @@ func TestQueueDropsWhenFull(t *testing.T) {
 	}
 }
 
-// With a bucket: background inspection sends no S3 request; an
-// inspection asked for through the API is shared, so the next host asking
-// reads it instead of inspecting (and fetching) again.
-func TestFleetSharesAskedInspections(t *testing.T) {
+// With a bucket the fleet inspects each digest once: the host that fetched
+// the manifest from the upstream inspects it and writes the record with a
+// conditional write (no GET first); hosts that read the manifest from the
+// bucket inspect nothing and send no request for the record until asked,
+// then read it from the bucket.
+func TestFleetInspectsOnce(t *testing.T) {
 	up := inProcessRegistry(t)
 	d := up.push(t, "org/demo:1", build(t, dockerSpec(t)))
 	bucket := storage.NewMemory(storage.MemoryOptions{Holder: "a"})
@@ -376,38 +380,101 @@ func TestFleetSharesAskedInspections(t *testing.T) {
 	c := newHarness(t, up, harnessOptions{bucket: hc})
 
 	a.pull("org/demo", "1")
-	a.record(d)
-	for _, op := range []string{"GetObject", "PutObject", "CreateObject"} {
-		if n := bucket.Requests(op); n != 0 {
-			t.Errorf("background inspection sent %d %s requests", n, op)
+	ra := a.record(d)
+	eventually(t, "host a's record in the bucket", func() bool { return bucket.Requests("CreateObject") == 1 })
+	if n := bucket.Requests("GetObject") + bucket.Requests("PutObject"); n != 0 {
+		t.Errorf("host a's background inspection sent %d other object requests", n)
+	}
+
+	b.pull("org/demo", "1")
+	c.pull("org/demo", "1")
+	for _, h := range []*harness{b, c} {
+		eventually(t, "the manifest left to the fleet", func() bool { return h.counter("berth_inspections_total", "result", "deferred") == 1 })
+	}
+	for name, m := range map[string]*storage.Memory{"b": hb, "c": hc} {
+		for _, op := range []string{"GetObject", "PutObject", "CreateObject"} {
+			if n := m.Requests(op); n != 0 {
+				t.Errorf("host %s sent %d %s requests for a manifest the fleet inspects", name, n, op)
+			}
 		}
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	vb, err := b.ins.Image(ctx, b.repo("org/demo"), "1")
-	if err != nil || vb.Image == nil || vb.Image.Author != "Demo Maintainers" {
-		t.Fatalf("host b: %v %+v", err, vb)
+	for name, h := range map[string]*harness{"b": b, "c": c} {
+		v, err := h.ins.Image(ctx, h.repo("org/demo"), "1")
+		if err != nil || v.Image == nil || v.Image.Author != "Demo Maintainers" {
+			t.Fatalf("host %s: %v %+v", name, err, v)
+		}
+		if !v.Inspected.Equal(ra.Inspected) {
+			t.Errorf("host %s has a record inspected at %v, host a's at %v", name, v.Inspected, ra.Inspected)
+		}
+		if got := h.counter("berth_inspections_total", "result", "shared"); got != 1 {
+			t.Errorf("host %s: berth_inspections_total{shared} = %v, want 1", name, got)
+		}
+		if got := h.counter("berth_inspections_total", "result", "ok"); got != 0 {
+			t.Errorf("host %s inspected it again: berth_inspections_total{ok} = %v", name, got)
+		}
 	}
-	if hb.Requests("PutObject") != 1 {
-		t.Errorf("host b shared its inspection %d times", hb.Requests("PutObject"))
+	if got := hb.Requests("GetObject") + hc.Requests("GetObject"); got != 2 {
+		t.Errorf("hosts b and c read the record %d times, want once each", got)
 	}
-	vc, err := c.ins.Image(ctx, c.repo("org/demo"), "1")
+	// Asked again, host b reads its own disk.
+	if _, err := b.ins.Image(ctx, b.repo("org/demo"), "1"); err != nil || hb.Requests("GetObject") != 1 {
+		t.Errorf("second look on host b: %v, %d GETs", err, hb.Requests("GetObject"))
+	}
+}
+
+// Hosts that inspect the same digest at once (each fetched it from the
+// upstream) race on the conditional write: one record stays in the
+// bucket, the losers keep theirs on disk and fail nothing.
+func TestFleetInspectionRace(t *testing.T) {
+	up := inProcessRegistry(t)
+	d := up.push(t, "org/demo:1", build(t, dockerSpec(t)))
+	bucket := storage.NewMemory(storage.MemoryOptions{Holder: "h0"})
+	var hs []*harness
+	for k := range 3 {
+		var bk storage.Bucket = bucket
+		if k > 0 {
+			bk = bucket.Host(fmt.Sprintf("h%d", k))
+		}
+		hs = append(hs, newHarness(t, up, harnessOptions{bucket: bk, noStart: true}))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	recs := make([]*Record, len(hs))
+	errs := make(chan error, len(hs))
+	for k, h := range hs {
+		go func() {
+			var err error
+			recs[k], err = h.ins.inspectNow(ctx, h.repo("org/demo"), d, true, nil)
+			errs <- err
+		}()
+	}
+	for range hs {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	raw, err := bucket.GetObject(ctx, objectName("registry.test", d))
 	if err != nil {
-		t.Fatalf("host c: %v", err)
+		t.Fatal(err)
 	}
-	if !vc.Inspected.Equal(vb.Inspected) {
-		t.Fatalf("host c inspected it at %v, host b at %v", vc.Inspected, vb.Inspected)
+	var stored Record
+	if err := json.Unmarshal(raw, &stored); err != nil {
+		t.Fatal(err)
 	}
-	if got := c.counter("berth_inspections_total", "result", "shared"); got != 1 {
-		t.Errorf("host c: berth_inspections_total{shared} = %v, want 1", got)
+	won := 0
+	for k, h := range hs {
+		if _, ok := h.ins.store.get("registry.test", d); !ok {
+			t.Errorf("host %d kept no record on disk", k)
+		}
+		if recs[k].Inspected.Equal(stored.Inspected) {
+			won++
+		}
 	}
-	if got := c.counter("berth_inspections_total", "result", "ok"); got != 0 {
-		t.Errorf("host c inspected it again: berth_inspections_total{ok} = %v", got)
-	}
-	// Host c read the record, not the config: it fetched no blob.
-	if _, ok := c.local.HasBlob(storage.Key{Upstream: "registry.test", Digest: digest.Digest(vb.Image.ConfigDigest)}); ok {
-		t.Error("host c fetched the config though the fleet had the record")
+	if won < 1 {
+		t.Errorf("the bucket's record (inspected %v) is none of the hosts'", stored.Inspected)
 	}
 }
 

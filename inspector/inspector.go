@@ -10,8 +10,12 @@
 // Inspection in the background reads only what this host already has: a
 // manifest it stored and, once a client's pull has cached it, the image's
 // configuration blob; it never makes the upstream send a byte a pull did
-// not ask for. A caller of the API asking for an image not yet inspected
-// has it inspected at once, reading through the cache.
+// not ask for. With a bucket, the host that fetched a manifest from the
+// upstream inspects it and writes the record to the bucket; a host that
+// read the manifest from the bucket leaves it to that host and reads the
+// fleet's record only when asked for it. A caller of the API asking for an
+// image not yet inspected has it inspected at once, reading through the
+// cache.
 package inspector
 
 import (
@@ -79,8 +83,9 @@ type Inspector struct {
 	flight singleflight.Group
 
 	mu      sync.Mutex
-	queued  map[storage.Key]bool  // in the queue, being inspected, or waiting for their config
-	waiting map[storage.Key][]job // by config blob: manifests whose config no pull has cached yet
+	queued  map[storage.Key]bool      // in the queue, being inspected, or waiting for their config
+	waiting map[storage.Key][]job     // by config blob: manifests whose config no pull has cached yet
+	missed  map[storage.Key]time.Time // records the bucket lacked, and when it was asked
 
 	history *journal[TagEvent]
 	hooks   *webhooks
@@ -95,6 +100,9 @@ type Inspector struct {
 type job struct {
 	repo   engine.Repo
 	digest digest.Digest
+	// fleet: the manifest came from the bucket, so the host that fetched
+	// it from the upstream inspects it for the fleet.
+	fleet bool
 }
 
 // New builds an inspector; Start runs it.
@@ -129,6 +137,7 @@ func New(o Options) (*Inspector, error) {
 		queue:   make(chan job, max(o.Config.Inspector.Queue, 1)),
 		queued:  map[storage.Key]bool{},
 		waiting: map[storage.Key][]job{},
+		missed:  map[storage.Key]time.Time{},
 		history: openJournal[TagEvent](filepath.Join(dir, "tags.jsonl"), 2000),
 	}
 	if objs, ok := o.Bucket.(storage.Objects); ok && o.Bucket != nil {
@@ -191,7 +200,7 @@ func (i *Inspector) loop(events <-chan engine.Event) {
 			}
 			switch ev.Kind {
 			case engine.ManifestStored:
-				i.enqueue(job{repo: ev.Repo, digest: ev.Digest})
+				i.enqueue(job{repo: ev.Repo, digest: ev.Digest, fleet: ev.FromBucket && i.objects != nil})
 			case engine.BlobCached:
 				i.scaler.cached(ev.Size)
 				i.configCached(storage.Key{Upstream: ev.Repo.Upstream, Digest: ev.Digest})
@@ -262,6 +271,13 @@ var errWaiting = errors.New("waiting for the config blob to be cached")
 
 func (i *Inspector) background(j job) {
 	key := storage.Key{Upstream: j.repo.Upstream, Digest: j.digest}
+	if j.fleet {
+		i.leaveToFleet(j)
+		i.mu.Lock()
+		delete(i.queued, key)
+		i.mu.Unlock()
+		return
+	}
 	_, err := i.inspect(i.life, j.repo, j.digest, false, &j)
 	if errors.Is(err, errWaiting) {
 		return // still queued: configCached requeues it
@@ -309,10 +325,12 @@ func (i *Inspector) inspect(ctx context.Context, repo engine.Repo, d digest.Dige
 		if rec, ok := i.store.get(repo.Upstream, d); ok {
 			return rec, nil
 		}
-		// Only an inspection asked for reads the bucket (see inspectNow).
+		// In the background this host fetched the manifest from the
+		// upstream (see leaveToFleet), so the bucket is unlikely to hold
+		// its record: no GET first; the conditional write in inspectNow
+		// finds out. An inspection asked for reads the bucket first.
 		if fetch {
-			if rec, ok := i.store.shared(ctx, repo.Upstream, d); ok {
-				i.metrics.inspections.WithLabelValues("shared").Inc()
+			if rec, ok := i.fromFleet(ctx, repo.Upstream, d); ok {
 				return rec, nil
 			}
 		}
@@ -374,11 +392,7 @@ func (i *Inspector) inspectNow(ctx context.Context, repo engine.Repo, d digest.D
 			}
 		}
 	}
-	// A background inspection read only this host's disk: doing it again on
-	// another host (half a millisecond of CPU) costs less than the S3
-	// requests that would share it, so it stays here. An inspection asked
-	// for may have read from the upstream: the fleet shares that one.
-	if err := i.store.put(ctx, rec, fetch); err != nil {
+	if err := i.store.put(ctx, rec); err != nil {
 		i.log.WithError(err).Warn("could not store inspection")
 	}
 	result := "ok"
@@ -389,6 +403,69 @@ func (i *Inspector) inspectNow(ctx context.Context, repo engine.Repo, d digest.D
 	i.metrics.seconds.Observe(time.Since(start).Seconds())
 	i.scaler.recorded(rec)
 	return rec, nil
+}
+
+// leaveToFleet handles a manifest this host read from the bucket: another
+// host fetched it from the upstream and inspects it, writing the record to
+// the bucket. Reading that record now would cost every host one S3 GET per
+// manifest whether or not anyone looks at it, so it is read when the API,
+// a page or the scaler feed asks (fromFleet). Only the manifest's config
+// digest is noted, from the manifest on disk, so that a pin on the config
+// names the image in the scaler feed.
+func (i *Inspector) leaveToFleet(j job) {
+	if _, ok := i.store.get(j.repo.Upstream, j.digest); ok {
+		return
+	}
+	i.metrics.inspections.WithLabelValues("deferred").Inc()
+	m, err := i.local.GetManifest(storage.Key{Upstream: j.repo.Upstream, Digest: j.digest})
+	if err != nil {
+		return
+	}
+	if kind, err := kindOf(m.Content, m.MediaType); err != nil || kind != KindImage {
+		return
+	}
+	if pm, err := parseManifest(m.Content); err == nil {
+		i.scaler.config(j.repo.Upstream, pm.Config.Digest.String(), j.digest)
+	}
+}
+
+// fromFleet reads the fleet's record of d from the bucket, keeping it on
+// this host's disk. A record the bucket lacked is not asked for again
+// within a minute, so a page shown often costs no S3 request per view.
+func (i *Inspector) fromFleet(ctx context.Context, upstream string, d digest.Digest) (*Record, bool) {
+	if i.objects == nil {
+		return nil, false
+	}
+	key := storage.Key{Upstream: upstream, Digest: d}
+	i.mu.Lock()
+	asked, missed := i.missed[key]
+	i.mu.Unlock()
+	if missed && time.Since(asked) < time.Minute {
+		return nil, false
+	}
+	rec, ok := i.store.shared(ctx, upstream, d)
+	i.mu.Lock()
+	if !ok {
+		if len(i.missed) >= maxWaiting {
+			clear(i.missed)
+		}
+		i.missed[key] = time.Now()
+		i.mu.Unlock()
+		return nil, false
+	}
+	delete(i.missed, key)
+	i.mu.Unlock()
+	i.metrics.inspections.WithLabelValues("shared").Inc()
+	i.scaler.recorded(rec)
+	return rec, true
+}
+
+// lookup returns the record of d from this host's disk or the bucket.
+func (i *Inspector) lookup(ctx context.Context, upstream string, d digest.Digest) (*Record, bool) {
+	if rec, ok := i.store.get(upstream, d); ok {
+		return rec, true
+	}
+	return i.fromFleet(ctx, upstream, d)
 }
 
 // configError is a fault of the image's config itself.

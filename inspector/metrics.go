@@ -20,7 +20,7 @@ type metrics struct {
 func newMetrics(reg prometheus.Registerer, i *Inspector) *metrics {
 	m := &metrics{
 		inspections: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "berth_inspections_total", Help: "Manifests inspected by this host (ok, error: recorded with an inspection error) or read from the fleet's bucket (shared).",
+			Name: "berth_inspections_total", Help: "Manifests inspected by this host (ok, error: recorded with an inspection error), read from the fleet's bucket (shared), or read from the bucket and left to the host that fetched them (deferred).",
 		}, []string{"result"}),
 		dropped: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "berth_inspect_dropped_total", Help: "Manifests not inspected because the inspect queue was full.",

@@ -153,7 +153,7 @@ func (i *Inspector) pageImages(w http.ResponseWriter, r *http.Request) {
 		for _, t := range rp.Tags {
 			lt := listedTag{TagInfo: t}
 			if d, err := digest.Parse(t.Digest); err == nil {
-				if rec, ok := i.store.get(rp.Upstream, d); ok {
+				if rec, ok := i.lookup(r.Context(), rp.Upstream, d); ok {
 					v := i.view(rec)
 					lt.Inspected, lt.Size, lt.Kind = true, v.DownloadSize, rec.Kind
 				}

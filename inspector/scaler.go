@@ -47,13 +47,18 @@ func (s *scaler) recorded(r *Record) {
 	if r.Image == nil {
 		return
 	}
-	cd, err := digest.Parse(r.Image.ConfigDigest)
+	d, _ := digest.Parse(r.Digest)
+	s.config(r.Upstream, r.Image.ConfigDigest, d)
+}
+
+// config remembers that manifest d names config blob ref.
+func (s *scaler) config(upstream, ref string, d digest.Digest) {
+	cd, err := digest.Parse(ref)
 	if err != nil {
 		return
 	}
-	d, _ := digest.Parse(r.Digest)
 	s.mu.Lock()
-	s.configs[storage.Key{Upstream: r.Upstream, Digest: cd}] = d
+	s.configs[storage.Key{Upstream: upstream, Digest: cd}] = d
 	s.mu.Unlock()
 }
 
@@ -181,9 +186,10 @@ func (s *scaler) refresh() Feed {
 		}
 		seen[t.name] = true
 		fi := FeedImage{Image: t.name, Digest: t.d.String(), Watched: t.watched, Pinned: t.pinned}
+		var img *Image
 		if rec, ok := i.store.get(t.repo.Upstream, t.d); ok {
 			v := i.view(rec)
-			img := v.Image
+			img = v.Image
 			if v.Index != nil {
 				if p := nodePlatform(v); p != nil {
 					img = p.Image
@@ -191,30 +197,35 @@ func (s *scaler) refresh() Feed {
 				}
 			}
 			fi.Microscaling = v.Microscaling
-			if img != nil {
-				fi.Inspected = true
-				if fi.Platform == "" {
-					fi.Platform = img.Platform()
-				}
-				blobs := []struct {
+			fi.Inspected = img != nil
+		}
+		if img == nil {
+			// Not inspected here (the fleet's record is read when asked
+			// for): the sizes are in the manifests on disk.
+			img, fi.Platform = i.manifestImage(t.repo.Upstream, t.d)
+		}
+		if img != nil {
+			if fi.Platform == "" {
+				fi.Platform = img.Platform()
+			}
+			blobs := []struct {
+				d    string
+				size int64
+			}{{img.ConfigDigest, img.ConfigSize}}
+			for _, l := range img.Layers {
+				blobs = append(blobs, struct {
 					d    string
 					size int64
-				}{{img.ConfigDigest, img.ConfigSize}}
-				for _, l := range img.Layers {
-					blobs = append(blobs, struct {
-						d    string
-						size int64
-					}{l.Digest, l.Size})
+				}{l.Digest, l.Size})
+			}
+			for _, b := range blobs {
+				fi.Bytes += b.size
+				bd, err := digest.Parse(b.d)
+				if err != nil {
+					continue
 				}
-				for _, b := range blobs {
-					fi.Bytes += b.size
-					bd, err := digest.Parse(b.d)
-					if err != nil {
-						continue
-					}
-					if _, ok := i.local.HasBlob(storage.Key{Upstream: t.repo.Upstream, Digest: bd}); !ok {
-						fi.MissingBytes += b.size
-					}
+				if _, ok := i.local.HasBlob(storage.Key{Upstream: t.repo.Upstream, Digest: bd}); !ok {
+					fi.MissingBytes += b.size
 				}
 			}
 		}
@@ -233,6 +244,45 @@ func (s *scaler) refresh() Feed {
 	s.lastFeed, s.lastBuilt = f, time.Now()
 	s.mu.Unlock()
 	return f
+}
+
+// manifestImage reads an image's config and layers from the manifests on
+// this host's disk, without its config: for an index, the platform this
+// node would pull, which it names.
+func (i *Inspector) manifestImage(upstream string, d digest.Digest) (*Image, string) {
+	m, err := i.local.GetManifest(storage.Key{Upstream: upstream, Digest: d})
+	if err != nil {
+		return nil, ""
+	}
+	kind, err := kindOf(m.Content, m.MediaType)
+	if err != nil {
+		return nil, ""
+	}
+	if kind == KindIndex {
+		idx, err := parseIndex(m.Content)
+		if err != nil {
+			return nil, ""
+		}
+		v := &View{}
+		for _, e := range idx.Platforms {
+			v.Platforms = append(v.Platforms, Platform{Entry: e})
+		}
+		p := nodePlatform(v)
+		if p == nil {
+			return nil, ""
+		}
+		pd, err := digest.Parse(p.Digest)
+		if err != nil {
+			return nil, ""
+		}
+		img, _ := i.manifestImage(upstream, pd)
+		return img, p.Platform()
+	}
+	pm, err := parseManifest(m.Content)
+	if err != nil {
+		return nil, ""
+	}
+	return imageFromManifest(pm), ""
 }
 
 func splitRepo(s string) (host, name string, ok bool) {

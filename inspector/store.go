@@ -79,17 +79,20 @@ func (s *store) putLocal(r *Record) error {
 	return writeFileAtomic(s.path(r.Upstream, d), b)
 }
 
-// put keeps a record on disk and, when share, in the bucket.
-func (s *store) put(ctx context.Context, r *Record, share bool) error {
+// put keeps a record on disk and writes it to the bucket unless the
+// bucket has one: of hosts that inspected the same digest at once, the
+// first write stays and the others keep their own copy on disk.
+func (s *store) put(ctx context.Context, r *Record) error {
 	if err := s.putLocal(r); err != nil {
 		return err
 	}
-	if share && s.objects != nil {
-		d, _ := digest.Parse(r.Digest)
-		b, _ := json.Marshal(r)
-		return s.objects.PutObject(ctx, objectName(r.Upstream, d), b)
+	if s.objects == nil {
+		return nil
 	}
-	return nil
+	d, _ := digest.Parse(r.Digest)
+	b, _ := json.Marshal(r)
+	_, err := s.objects.CreateObject(ctx, objectName(r.Upstream, d), b)
+	return err
 }
 
 // each calls fn with every record on disk.
