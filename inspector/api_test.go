@@ -94,27 +94,37 @@ func TestAPI(t *testing.T) {
 	}
 	var mbi mbImage
 	getJSON(t, srv.URL+"/v1/images/org/demo", 200, &mbi)
-	if mbi.ImageName != "registry.test/org/demo" || mbi.LatestSHA != latestD.String() || mbi.LatestVersion != "1.2" || mbi.LayerCount != 3 || mbi.DownloadSize <= 0 {
+	if mbi.ImageName != "registry.test/org/demo" || mbi.LatestSHA != latestD.String() || mbi.ID != latestD.String() || mbi.LatestVersion != "latest" || mbi.LayerCount != 3 || mbi.DownloadSize <= 0 || mbi.UpdatedAt.IsZero() || mbi.LastUpdated.IsZero() {
 		t.Errorf("MicroBadger %+v", mbi)
 	}
 	if len(mbi.Versions) != 2 {
 		t.Fatalf("versions %+v", mbi.Versions)
 	}
 	for _, v := range mbi.Versions {
-		if len(v.Tags) != 1 || v.Created == "" || len(v.Layers) != 3 || v.Layers[1].Command != "RUN apk add --no-cache curl" || v.Layers[1].DownloadSize <= 0 || !strings.HasPrefix(v.Layers[0].BlobSum, "sha256:") {
+		if len(v.Tags) != 1 || v.Created.IsZero() || len(v.Layers) != 3 || v.Layers[1].Command != "RUN apk add --no-cache curl" || v.Layers[1].DownloadSize <= 0 || !strings.HasPrefix(v.Layers[0].BlobSum, "sha256:") {
 			t.Errorf("version %+v", v)
 		}
 		if v.License == nil || v.License.Code != "MIT" || v.VersionControl == nil || v.VersionControl.URL != "https://git.example/demo.git" || v.VersionControl.Commit != "abc123" || v.VersionControl.Type != "git" {
 			t.Errorf("license %+v vcs %+v", v.License, v.VersionControl)
-		}
-		if v.LabelSchemaVersion != "1.0" {
-			t.Errorf("label schema version %q", v.LabelSchemaVersion)
 		}
 	}
 	if mbi.Microscaling == nil || mbi.Microscaling.Priority != "3" || mbi.Labels["com.microscaling.is-scalable"] != "true" {
 		t.Errorf("microscaling %+v", mbi.Microscaling)
 	}
 	getJSON(t, srv.URL+"/v1/images/org/unknown", 404, nil)
+	// With a tag, the top-level fields describe that tag's version.
+	var tagged mbImage
+	getJSON(t, srv.URL+"/v1/images/org/demo:1.2", 200, &tagged)
+	if tagged.ID != d12.String() || tagged.LatestSHA != latestD.String() || tagged.LatestVersion != "1.2" || len(tagged.Versions) != 2 {
+		t.Errorf("MicroBadger by tag: %+v", tagged)
+	}
+	getJSON(t, srv.URL+"/v1/images/org/demo:nope", 404, nil)
+	var ver mbVersion
+	getJSON(t, srv.URL+"/v1/images/org/demo/version/"+d12.String(), 200, &ver)
+	if ver.SHA != d12.String() || len(ver.Tags) != 1 || ver.Tags[0].Tag != "1.2" || len(ver.Layers) != 3 {
+		t.Errorf("MicroBadger version: %+v", ver)
+	}
+	getJSON(t, srv.URL+"/v1/images/org/demo/version/sha256:zz", 400, nil)
 
 	// Webhooks and scaler answer JSON even with nothing configured.
 	var hooks struct {

@@ -116,7 +116,7 @@ func TestInspectorThroughBerth(t *testing.T) {
 		Versions             []struct{ SHA string }
 	}
 	waitJSON(t, b.URL+"/v1/images/library/webapp", &mb, func() bool { return mb.LatestSHA == img.Digest })
-	if mb.ImageName != "library/webapp" || mb.LayerCount != 2 || len(mb.Versions) != 1 {
+	if mb.ImageName != "webapp" || mb.LayerCount != 2 || len(mb.Versions) != 1 {
 		t.Errorf("MicroBadger %+v", mb)
 	}
 	var deliveries struct{ Deliveries []struct{ State string } }
