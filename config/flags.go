@@ -102,7 +102,7 @@ var settings = []setting{
 		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.CAFile })},
 	{flag: "fleet-tls-server-name", key: "fleet.tls.server_name", env: "BERTH_FLEET_TLS_SERVER_NAME", usage: "`NAME` peers' certificates are checked against (default the host of the peer's URL)",
 		set: stringSetting(func(c *Config) *string { return &c.Fleet.TLS.ServerName })},
-	{flag: "admin-token-file", key: "admin_token_file", env: "BERTH_ADMIN_TOKEN_FILE", usage: "`FILE` of admin bearer tokens, one a line: the node API's writes (pre-warm) need one (default none: writes from loopback only)",
+	{flag: "admin-token-file", key: "admin_token_file", env: "BERTH_ADMIN_TOKEN_FILE", usage: "`FILE` of admin bearer tokens, one a line, re-read on SIGHUP: the node API's writes (pre-warm) need one (default none: writes from loopback only)",
 		set: stringSetting(func(c *Config) *string { return &c.AdminTokenFile })},
 	{flag: "htpasswd", key: "auth.htpasswd", env: "BERTH_HTPASSWD", usage: "htpasswd `FILE` (bcrypt): pulls on --listen need a user and password (default none)",
 		set: stringSetting(func(c *Config) *string { return &c.Auth.HTPasswd })},

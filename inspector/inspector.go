@@ -24,10 +24,12 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"reflect"
 	"runtime"
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -70,10 +72,12 @@ const maxWaiting = 4096
 
 // Inspector inspects manifests in the background and serves the results.
 type Inspector struct {
-	o       Options
-	eng     *engine.Engine
-	local   *storage.Local
-	cfg     *config.Config
+	o     Options
+	eng   *engine.Engine
+	local *storage.Local
+	// cfg is the configuration in force: Reload replaces it (webhooks,
+	// the watch list, show_env_names).
+	cfg     atomic.Pointer[config.Config]
 	log     *logrus.Entry
 	store   *store
 	objects storage.Objects
@@ -86,6 +90,8 @@ type Inspector struct {
 	queued  map[storage.Key]bool      // in the queue, being inspected, or waiting for their config
 	waiting map[storage.Key][]job     // by config blob: manifests whose config no pull has cached yet
 	missed  map[storage.Key]time.Time // records the bucket lacked, and when it was asked
+
+	stopWatching context.CancelFunc // ends the watch list's goroutines
 
 	history *journal[TagEvent]
 	hooks   *webhooks
@@ -132,7 +138,7 @@ func New(o Options) (*Inspector, error) {
 	}
 	dir := filepath.Join(o.Config.Data, "inspect")
 	i := &Inspector{
-		o: o, eng: o.Engine, local: o.Local, cfg: o.Config, log: o.Log.WithField("component", "inspector"),
+		o: o, eng: o.Engine, local: o.Local, log: o.Log.WithField("component", "inspector"),
 		store:   &store{dir: dir},
 		queue:   make(chan job, max(o.Config.Inspector.Queue, 1)),
 		queued:  map[storage.Key]bool{},
@@ -144,6 +150,7 @@ func New(o Options) (*Inspector, error) {
 		i.objects = objs
 		i.store.objects = objs
 	}
+	i.cfg.Store(o.Config)
 	i.life, i.cancel = context.WithCancel(context.Background())
 	i.metrics = newMetrics(o.Metrics, i)
 	var err error
@@ -163,10 +170,46 @@ func (i *Inspector) Start() {
 	for range i.o.Workers {
 		i.goLife(i.work)
 	}
-	for _, w := range i.cfg.Inspector.Watch {
-		i.goLife(func() { i.watch(w) })
-	}
+	i.mu.Lock()
+	i.startWatching(i.cfg.Load().Inspector.Watch)
+	i.mu.Unlock()
 	i.goLife(i.scaler.run)
+}
+
+// startWatching runs one goroutine per watched repository until the next
+// reload or Close; i.mu is held.
+func (i *Inspector) startWatching(watch []config.Watch) {
+	ctx, cancel := context.WithCancel(i.life)
+	i.stopWatching = cancel
+	for _, w := range watch {
+		i.goLife(func() { i.watch(ctx, w) })
+	}
+}
+
+// Reload takes the webhooks, the watch list and show_env_names of cfg
+// (SIGHUP): new webhooks get the next events, removed ones none
+// (deliveries in progress finish); watched repositories are revalidated
+// from now on, from the start of their interval, and those removed no
+// more. A secret file that cannot be read rejects the reload, leaving
+// everything as it was.
+func (i *Inspector) Reload(cfg *config.Config) error {
+	hooks, err := readHooks(cfg.Webhooks)
+	if err != nil {
+		return err
+	}
+	old := i.cfg.Swap(cfg)
+	i.hooks.set(hooks)
+	if reflect.DeepEqual(old.Inspector.Watch, cfg.Inspector.Watch) {
+		return nil
+	}
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	if i.stopWatching == nil {
+		return nil // not started
+	}
+	i.stopWatching()
+	i.startWatching(cfg.Inspector.Watch)
+	return nil
 }
 
 // Close stops the inspector and waits for its goroutines; deliveries in
@@ -589,7 +632,7 @@ func (i *Inspector) view(rec *Record) *View {
 	v := &View{Record: rec, Tags: []string{}}
 	if rec.Image != nil {
 		img := *rec.Image
-		if !i.cfg.Inspector.ShowEnvNames {
+		if !i.cfg.Load().Inspector.ShowEnvNames {
 			img.EnvNames = nil
 		}
 		v.Record = &Record{}
@@ -607,7 +650,7 @@ func (i *Inspector) view(rec *Record) *View {
 					p.Error = child.Error
 					if child.Image != nil {
 						img := *child.Image
-						if !i.cfg.Inspector.ShowEnvNames {
+						if !i.cfg.Load().Inspector.ShowEnvNames {
 							img.EnvNames = nil
 						}
 						p.Image = &img

@@ -157,7 +157,7 @@ func (s *scaler) refresh() Feed {
 		pinned  bool
 	}
 	var targets []target
-	for _, w := range i.cfg.Inspector.Watch {
+	for _, w := range i.cfg.Load().Inspector.Watch {
 		host, name, _ := splitRepo(w.Repository)
 		repo := engine.Repo{Upstream: host, Name: name}
 		tags, _ := i.local.Tags(host, name)

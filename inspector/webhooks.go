@@ -105,16 +105,25 @@ type hook struct {
 }
 
 type webhooks struct {
-	i     *Inspector
-	hooks []hook
-	log   *journal[Delivery] // finished deliveries
+	i   *Inspector
+	log *journal[Delivery] // finished deliveries
 
 	mu      sync.Mutex
+	hooks   []hook // replaced whole on reload
 	pending map[string]*Delivery
 }
 
 func newWebhooks(i *Inspector, cfg []config.Webhook, logPath string) (*webhooks, error) {
-	w := &webhooks{i: i, log: openJournal[Delivery](logPath, 1000), pending: map[string]*Delivery{}}
+	hooks, err := readHooks(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &webhooks{i: i, log: openJournal[Delivery](logPath, 1000), hooks: hooks, pending: map[string]*Delivery{}}, nil
+}
+
+// readHooks reads the webhooks' secret files.
+func readHooks(cfg []config.Webhook) ([]hook, error) {
+	var hooks []hook
 	for k, c := range cfg {
 		h := hook{Webhook: c}
 		if c.SecretFile != "" {
@@ -124,9 +133,24 @@ func newWebhooks(i *Inspector, cfg []config.Webhook, logPath string) (*webhooks,
 			}
 			h.secret = bytes.TrimSpace(b)
 		}
-		w.hooks = append(w.hooks, h)
+		hooks = append(hooks, h)
 	}
-	return w, nil
+	return hooks, nil
+}
+
+// list returns the webhooks in force.
+func (w *webhooks) list() []hook {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.hooks
+}
+
+// set replaces the webhooks; deliveries in progress go on to their old
+// webhook.
+func (w *webhooks) set(hooks []hook) {
+	w.mu.Lock()
+	w.hooks = hooks
+	w.mu.Unlock()
 }
 
 func (h hook) wants(ev TagEvent) bool {
@@ -150,7 +174,7 @@ func (h hook) wants(ev TagEvent) bool {
 func (i *Inspector) tagEvent(ev TagEvent) {
 	i.history.add(ev)
 	var hooks []hook
-	for _, h := range i.hooks.hooks {
+	for _, h := range i.hooks.list() {
 		if h.wants(ev) {
 			hooks = append(hooks, h)
 		}
@@ -332,7 +356,7 @@ func (i *Inspector) Deliveries() []Delivery {
 // Webhooks lists the configured webhooks' URLs and filters, never secrets.
 func (i *Inspector) Webhooks() []map[string]any {
 	out := []map[string]any{}
-	for _, h := range i.hooks.hooks {
+	for _, h := range i.hooks.list() {
 		out = append(out, map[string]any{"url": h.URL, "events": h.Events, "repositories": h.Repositories, "signed": len(h.secret) > 0})
 	}
 	return out
@@ -341,23 +365,23 @@ func (i *Inspector) Webhooks() []map[string]any {
 // watch revalidates a watched repository's tags at its interval: tags that
 // moved publish TagChanged through the engine; tags that vanished from the
 // upstream are reported deleted here.
-func (i *Inspector) watch(w config.Watch) {
+func (i *Inspector) watch(ctx context.Context, w config.Watch) {
 	host, name, _ := strings.Cut(w.Repository, "/")
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
 		select {
-		case <-i.life.Done():
+		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		i.watchOnce(host, name, w.Tags)
+		i.watchOnce(ctx, host, name, w.Tags)
 		t.Reset(w.Interval.D())
 	}
 }
 
-func (i *Inspector) watchOnce(host, name string, patterns []string) {
-	ctx, cancel := context.WithTimeout(i.life, 5*time.Minute)
+func (i *Inspector) watchOnce(ctx context.Context, host, name string, patterns []string) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
 	defer cancel()
 	repo, err := i.eng.Resolve(host, name)
 	if err != nil {

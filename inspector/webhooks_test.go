@@ -328,3 +328,69 @@ func TestSignVerify(t *testing.T) {
 		t.Fatal("Verify accepts what it must refuse, or refuses the right signature")
 	}
 }
+
+// Reload swaps the webhooks and the watch list in a running inspector: the
+// next event goes to the new webhook only, a newly watched repository is
+// revalidated without a pull, a secret file that cannot be read rejects the
+// reload, and an unwatched repository leaves the scaler feed.
+func TestReloadWebhooksAndWatch(t *testing.T) {
+	up := inProcessRegistry(t)
+	before, after := newReceiver(t, "a", 0), newReceiver(t, "b", 0)
+	v1 := up.push(t, "org/later:v1", build(t, dockerSpec(t)))
+	h := newHarness(t, up, harnessOptions{config: func(c *config.Config) {
+		c.TagTTL = 0
+		c.Webhooks = []config.Webhook{before.webhook(t)}
+	}})
+
+	next := *h.cfg
+	next.Webhooks = []config.Webhook{after.webhook(t)}
+	next.Inspector.Watch = []config.Watch{{Repository: "registry.test/org/later", Tags: []string{"v*"}, Interval: config.Duration(50 * time.Millisecond)}}
+	if err := h.ins.Reload(&next); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the watched tag delivered to the new webhook", func() bool { return len(after.payloads()) == 1 })
+	if p := after.payloads()[0]; p.Event != "new" || p.Tag != "v1" || p.NewDigest != v1.String() {
+		t.Errorf("delivery %+v", p)
+	}
+	eventually(t, "the delivery logged", func() bool {
+		for _, d := range h.ins.Deliveries() {
+			if d.State == "delivered" {
+				return true
+			}
+		}
+		return false
+	})
+	for _, d := range h.ins.Deliveries() {
+		if d.URL != after.srv.URL+"/hook" {
+			t.Errorf("delivery to %s after the reload", d.URL)
+		}
+	}
+	if n := len(before.payloads()); n != 0 {
+		t.Errorf("the removed webhook got %d deliveries", n)
+	}
+	if f := h.ins.Feed(); len(f.Images) != 1 || !f.Images[0].Watched {
+		t.Errorf("feed while watched: %+v", f.Images)
+	}
+
+	bad := next
+	bad.Webhooks = []config.Webhook{{URL: before.srv.URL + "/hook", SecretFile: filepath.Join(t.TempDir(), "gone")}}
+	bad.Inspector.Watch = nil
+	if err := h.ins.Reload(&bad); err == nil {
+		t.Fatal("a reload with an unreadable secret file was taken")
+	}
+	if hooks := h.ins.Webhooks(); len(hooks) != 1 || hooks[0]["url"] != after.srv.URL+"/hook" {
+		t.Errorf("webhooks after a rejected reload: %v", hooks)
+	}
+	if f := h.ins.Feed(); len(f.Images) != 1 {
+		t.Errorf("a rejected reload changed the watch list: %+v", f.Images)
+	}
+
+	unwatched := next
+	unwatched.Inspector.Watch = nil
+	if err := h.ins.Reload(&unwatched); err != nil {
+		t.Fatal(err)
+	}
+	if f := h.ins.Feed(); len(f.Images) != 0 {
+		t.Errorf("feed after unwatching: %+v", f.Images)
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"strings"
 	"sync"
@@ -162,6 +163,9 @@ type daemon struct {
 	serverTLS *auth.ServerTLS     // fleet.tls.cert_file, key_file, client_ca_file
 	peers     *auth.PeerTransport // how this host calls its peers' fleet ports
 	htpasswd  *auth.HTPasswd      // auth.htpasswd on the registry listener
+	admin     *auth.Tokens        // admin_token_file: the node API's writes
+
+	ins *inspector.Inspector // nil when disabled; SIGHUP reloads its webhooks and watch list
 }
 
 // newCredentials reads the credential files of cfg: the fleet tokens, the
@@ -234,6 +238,11 @@ func (d *daemon) reloadCredentials() error {
 			errs = append(errs, fmt.Errorf("auth.htpasswd: %w", err))
 		}
 	}
+	if d.admin != nil {
+		if err := d.admin.Reload(); err != nil {
+			errs = append(errs, fmt.Errorf("admin_token_file: %w", err))
+		}
+	}
 	if len(errs) > 0 {
 		return errs[0]
 	}
@@ -298,9 +307,8 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 	registry := mirror.New(d.eng, reg, entry)
 	// Pre-warm's node API (docs/prewarm.md), on both listeners; its pins
 	// file is re-applied now, in the background.
-	var adminTokens *auth.Tokens
 	if cfg.AdminTokenFile != "" {
-		if adminTokens, err = auth.LoadTokens(cfg.AdminTokenFile); err != nil {
+		if d.admin, err = auth.LoadTokens(cfg.AdminTokenFile); err != nil {
 			d.ln.Close()
 			d.eng.Close()
 			return nil, fmt.Errorf("admin_token_file: %w", err)
@@ -308,7 +316,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 	}
 	nodeAPI, err := coordinator.NewNode(coordinator.NodeOptions{
 		Engine: d.eng, Local: d.local, DataDir: cfg.Data, Version: version,
-		AdminTokens: adminTokens, Log: entry.WithField("component", "prewarm"), Upstreams: cfg.UpstreamHosts,
+		AdminTokens: d.admin, Log: entry.WithField("component", "prewarm"), Upstreams: cfg.UpstreamHosts,
 	})
 	if err != nil {
 		d.ln.Close()
@@ -342,6 +350,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 			return nil, err
 		}
 		ins.Start()
+		d.ins = ins
 		insHandler := ins.Handler()
 		for _, p := range inspector.Routes {
 			mux.Handle(p, insHandler)
@@ -573,10 +582,21 @@ func (d *daemon) reload(l *loader) error {
 	if next.FleetListen != old.FleetListen || next.Fleet != old.Fleet || next.Auth != old.Auth {
 		return fmt.Errorf("fleet_listen, fleet and auth settings cannot change without a restart; SIGHUP re-reads the files they name (running: fleet_listen %q)", old.FleetListen)
 	}
+	if next.AdminTokenFile != old.AdminTokenFile {
+		return fmt.Errorf("admin_token_file cannot change without a restart; SIGHUP re-reads the file it names (running: %q)", old.AdminTokenFile)
+	}
+	if next.Inspector.Enabled != old.Inspector.Enabled || next.Inspector.Queue != old.Inspector.Queue {
+		return fmt.Errorf("inspector.enabled and inspector.queue cannot change without a restart; SIGHUP reloads webhooks, inspector.watch and inspector.show_env_names")
+	}
 	// The credential files first: a file that cannot be used rejects the
 	// whole reload, and what was in force stays.
 	if err := d.reloadCredentials(); err != nil {
 		return err
+	}
+	if d.ins != nil {
+		if err := d.ins.Reload(next); err != nil {
+			return err
+		}
 	}
 	if err := d.eng.Reload(next); err != nil {
 		return err
@@ -590,6 +610,9 @@ func (d *daemon) reload(l *loader) error {
 	fields := logrus.Fields{"changed": configChanges(old, next)}
 	if d.tokens != nil {
 		fields["fleet_tokens"] = d.tokens.Len() // how many, never which
+	}
+	if d.admin != nil {
+		fields["admin_tokens"] = d.admin.Len()
 	}
 	d.log.WithFields(fields).Info("configuration reloaded")
 	d.cfg = next
@@ -631,6 +654,20 @@ func configChanges(a, b *config.Config) string {
 	diff("log.level", a.Log.Level, b.Log.Level)
 	diff("log.format", a.Log.Format, b.Log.Format)
 	diff("shutdown_timeout", a.ShutdownTimeout, b.ShutdownTimeout)
+	// Webhook URLs may carry a token in their query: only how many.
+	diff("webhooks", len(a.Webhooks), len(b.Webhooks))
+	if !reflect.DeepEqual(a.Webhooks, b.Webhooks) && len(a.Webhooks) == len(b.Webhooks) {
+		out = append(out, "webhooks")
+	}
+	watched := func(c *config.Config) []string {
+		var r []string
+		for _, w := range c.Inspector.Watch {
+			r = append(r, fmt.Sprintf("%s%v/%s", w.Repository, w.Tags, w.Interval))
+		}
+		return r
+	}
+	diff("inspector.watch", watched(a), watched(b))
+	diff("inspector.show_env_names", a.Inspector.ShowEnvNames, b.Inspector.ShowEnvNames)
 	if len(out) == 0 {
 		return "nothing"
 	}
