@@ -537,3 +537,40 @@ func TestJournalStaysBounded(t *testing.T) {
 		t.Fatalf("reopened: %v", got)
 	}
 }
+
+// A host that deferred to the fleet, when the fetching host never wrote a
+// record (here its inspector is not running): the /ui/ list's lookup asks
+// the bucket once a minute at most; the API asks again, then inspects it
+// itself and shares the record.
+func TestFleetRecordMissing(t *testing.T) {
+	up := inProcessRegistry(t)
+	d := up.push(t, "org/demo:1", build(t, dockerSpec(t)))
+	bucket := storage.NewMemory(storage.MemoryOptions{Holder: "a"})
+	hb := bucket.Host("b")
+	a := newHarness(t, up, harnessOptions{bucket: bucket, noStart: true})
+	b := newHarness(t, up, harnessOptions{bucket: hb})
+	a.pull("org/demo", "1")
+	b.pull("org/demo", "1")
+	eventually(t, "the manifest left to the fleet", func() bool { return b.counter("berth_inspections_total", "result", "deferred") == 1 })
+
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	for range 3 {
+		if _, ok := b.ins.lookup(ctx, "registry.test", d); ok {
+			t.Fatal("lookup found a record nobody wrote")
+		}
+	}
+	if n := hb.Requests("GetObject"); n != 1 {
+		t.Errorf("three lookups sent %d GETs, want 1", n)
+	}
+	v, err := b.ins.Image(ctx, b.repo("org/demo"), "1")
+	if err != nil || v.Image == nil {
+		t.Fatalf("%v %+v", err, v)
+	}
+	if n := hb.Requests("GetObject"); n != 2 {
+		t.Errorf("the API did not ask the bucket again: %d GETs", n)
+	}
+	if b.counter("berth_inspections_total", "result", "ok") != 1 || hb.Requests("CreateObject") != 1 {
+		t.Errorf("host b inspected %v times and wrote %d records", b.counter("berth_inspections_total", "result", "ok"), hb.Requests("CreateObject"))
+	}
+}

@@ -373,7 +373,7 @@ func (i *Inspector) inspect(ctx context.Context, repo engine.Repo, d digest.Dige
 		// its record: no GET first; the conditional write in inspectNow
 		// finds out. An inspection asked for reads the bucket first.
 		if fetch {
-			if rec, ok := i.fromFleet(ctx, repo.Upstream, d); ok {
+			if rec, ok := i.fromFleet(ctx, repo.Upstream, d, true); ok {
 				return rec, nil
 			}
 		}
@@ -474,8 +474,10 @@ func (i *Inspector) leaveToFleet(j job) {
 
 // fromFleet reads the fleet's record of d from the bucket, keeping it on
 // this host's disk. A record the bucket lacked is not asked for again
-// within a minute, so a page shown often costs no S3 request per view.
-func (i *Inspector) fromFleet(ctx context.Context, upstream string, d digest.Digest) (*Record, bool) {
+// within a minute, so a page shown often costs no S3 request per view;
+// always asks anyway (the caller would otherwise inspect it, fetching
+// what it lacks).
+func (i *Inspector) fromFleet(ctx context.Context, upstream string, d digest.Digest, always bool) (*Record, bool) {
 	if i.objects == nil {
 		return nil, false
 	}
@@ -483,7 +485,7 @@ func (i *Inspector) fromFleet(ctx context.Context, upstream string, d digest.Dig
 	i.mu.Lock()
 	asked, missed := i.missed[key]
 	i.mu.Unlock()
-	if missed && time.Since(asked) < time.Minute {
+	if missed && !always && time.Since(asked) < time.Minute {
 		return nil, false
 	}
 	rec, ok := i.store.shared(ctx, upstream, d)
@@ -508,7 +510,7 @@ func (i *Inspector) lookup(ctx context.Context, upstream string, d digest.Digest
 	if rec, ok := i.store.get(upstream, d); ok {
 		return rec, true
 	}
-	return i.fromFleet(ctx, upstream, d)
+	return i.fromFleet(ctx, upstream, d, false)
 }
 
 // configError is a fault of the image's config itself.
