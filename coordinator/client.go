@@ -105,7 +105,24 @@ func (c *Client) Cancel(ctx context.Context, id string) error {
 
 // Warm reports whether every pin of the node is on its disk.
 func (c *Client) Warm(ctx context.Context) (WarmStatus, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/berth/v1/warm"), nil)
+	return c.WarmImages(ctx, nil, nil)
+}
+
+// WarmImages reports, beside the node's pins, how much of each image
+// (expanded to platforms, default the node's own) the node lacks.
+func (c *Client) WarmImages(ctx context.Context, images []Image, platforms []string) (WarmStatus, error) {
+	q := url.Values{}
+	for _, img := range images {
+		q.Add("image", img.Repository+"@"+img.Digest.String())
+	}
+	for _, p := range platforms {
+		q.Add("platform", p)
+	}
+	u := c.url("/berth/v1/warm")
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
 		return WarmStatus{}, err
 	}

@@ -103,22 +103,14 @@ func (n *Node) reapply() {
 		return
 	}
 	n.o.Log.WithField("pins", len(pins)).Info("pre-warm: re-applying pins")
-	sem := make(chan struct{}, prefetchWorkers)
-	var wg sync.WaitGroup
-	for _, p := range pins {
+	forEach(len(pins), prefetchWorkers, func(i int) {
+		p := pins[i]
 		up, name, _ := strings.Cut(p.Repository, "/")
 		repo := engine.Repo{Upstream: up, Name: name}
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			if err := n.o.Engine.Prefetch(n.life, repo, p.Digest, p.Until); err != nil && n.life.Err() == nil {
-				n.o.Log.WithError(err).WithFields(logrus.Fields{"repository": p.Repository, "digest": p.Digest, "kind": engine.KindOf(err)}).Warn("pre-warm: a stored pin could not be re-applied")
-			}
-		}()
-	}
-	wg.Wait()
+		if err := n.o.Engine.Prefetch(n.life, repo, p.Digest, p.Until); err != nil && n.life.Err() == nil {
+			n.o.Log.WithError(err).WithFields(logrus.Fields{"repository": p.Repository, "digest": p.Digest, "kind": engine.KindOf(err)}).Warn("pre-warm: a stored pin could not be re-applied")
+		}
+	})
 }
 
 // Handler is the node API for the registry listener: reads are open as
@@ -301,45 +293,45 @@ func (n *Node) plan(ctx context.Context, req PrefetchRequest) *job {
 	j.snap = JobSnapshot{ID: newID(), State: StateRunning, Created: time.Now().UTC(), PinUntil: req.PinUntil}
 	j.snap.Images = make([]ImageStatus, len(req.Images))
 	j.repos = make([]engine.Repo, len(req.Images))
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 8)
-	for i, img := range req.Images {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			st := ImageStatus{Image: img, State: StatePending}
-			ri, err := walkImage(ctx, n.o.Engine, img, req.Platforms)
-			if err == nil {
-				st.Platforms = ri.platforms
-				j.repos[i] = ri.repo
-				n.primeTag(ctx, ri.repo, img)
-				for _, d := range ri.blobs {
-					// The manifest's descriptor gives the size (the blob is
-					// verified against its digest when fetched); only a
-					// descriptor without one costs a lookup.
-					size := ri.sizes[d]
-					if size <= 0 {
-						var serr error
-						if size, serr = n.o.Engine.StatBlob(ctx, ri.repo, d); serr != nil {
-							err = fmt.Errorf("blob %s: %w", d, serr)
-							break
-						}
-					}
-					st.Blobs = append(st.Blobs, BlobStatus{Digest: d, Size: size, State: StatePending})
-					st.BytesTotal += size
+	forEach(len(req.Images), 8, func(i int) {
+		img := req.Images[i]
+		st := ImageStatus{Image: img, State: StatePending}
+		ri, err := walkImage(ctx, n.o.Engine, img, req.Platforms)
+		if err == nil {
+			st.Platforms = ri.platforms
+			j.repos[i] = ri.repo
+			n.primeTag(ctx, ri.repo, img)
+			for _, d := range ri.blobs {
+				size, serr := n.blobSize(ctx, ri, d)
+				if serr != nil {
+					err = serr
+					break
 				}
+				st.Blobs = append(st.Blobs, BlobStatus{Digest: d, Size: size, State: StatePending})
+				st.BytesTotal += size
 			}
-			if err != nil {
-				st.State, st.Error, st.Blobs, st.BytesTotal = StateFailed, infoOf(err), nil, 0
-			}
-			j.snap.Images[i] = st
-		}()
-	}
-	wg.Wait()
+		}
+		if err != nil {
+			st.State, st.Error, st.Blobs, st.BytesTotal = StateFailed, infoOf(err), nil, 0
+		}
+		j.snap.Images[i] = st
+	})
 	j.totals()
 	return j
+}
+
+// blobSize is a blob's size: the manifest's descriptor gives it (the blob
+// is verified against its digest when fetched); only a descriptor without
+// one costs a lookup.
+func (n *Node) blobSize(ctx context.Context, ri *resolvedImage, d digest.Digest) (int64, error) {
+	if size := ri.sizes[d]; size > 0 {
+		return size, nil
+	}
+	size, err := n.o.Engine.StatBlob(ctx, ri.repo, d)
+	if err != nil {
+		return 0, fmt.Errorf("blob %s: %w", d, err)
+	}
+	return size, nil
 }
 
 // primeTag looks up the tag the image was resolved from, so that a pull
@@ -747,8 +739,31 @@ func (n *Node) activePins() []Pin {
 }
 
 // warm answers 200 when every pin in force is on this node's disk and
-// held against eviction, 503 otherwise, naming what is missing.
+// held against eviction, 503 otherwise, naming what is missing. With
+// ?image=REPOSITORY@DIGEST (repeatable, and ?platform=os/arch to expand
+// indexes) it also says how much of each image the disk lacks, and 200
+// needs each of those images on disk and pinned too.
 func (n *Node) warm(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	var images []Image
+	for _, s := range q["image"] {
+		img, err := ParseImage(s)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, ErrorCodeInvalid, "invalid_request", err.Error())
+			return
+		}
+		images = append(images, img)
+	}
+	if len(images) > maxImages {
+		writeError(w, http.StatusBadRequest, ErrorCodeInvalid, "invalid_request", fmt.Sprintf("image: at most %d, got %d", maxImages, len(images)))
+		return
+	}
+	for _, p := range q["platform"] {
+		if err := ValidPlatform(p); err != nil {
+			writeError(w, http.StatusBadRequest, ErrorCodeInvalid, "invalid_request", err.Error())
+			return
+		}
+	}
 	pins := n.activePins()
 	st := WarmStatus{Warm: true, Pins: len(pins)}
 	for _, p := range pins {
@@ -757,11 +772,89 @@ func (n *Node) warm(w http.ResponseWriter, r *http.Request) {
 			st.Missing = append(st.Missing, p)
 		}
 	}
+	if len(images) > 0 {
+		ctx, cancel := context.WithTimeout(r.Context(), time.Minute)
+		defer cancel()
+		st.Images = n.ImagesWarmth(ctx, images, q["platform"])
+		for _, iw := range st.Images {
+			st.Warm = st.Warm && iw.Warm
+		}
+	}
 	code := http.StatusOK
 	if !st.Warm {
 		code = http.StatusServiceUnavailable
 	}
 	writeJSON(w, code, st)
+}
+
+// ImagesWarmth says, for each image, how many of its bytes (the blobs of
+// platforms, default this node's) this node's disk lacks and until when
+// they are pinned here. The manifests are read through the engine, from
+// this node's disk when a warm-up put them there; an image that cannot be
+// read carries its typed error.
+func (n *Node) ImagesWarmth(ctx context.Context, images []Image, platforms []string) []ImageWarmth {
+	out := make([]ImageWarmth, len(images))
+	now := time.Now()
+	held := n.o.Engine.Pinned()
+	forEach(len(images), 8, func(i int) {
+		iw := ImageWarmth{Image: images[i]}
+		ri, err := walkImage(ctx, n.o.Engine, images[i], platforms)
+		if err != nil {
+			iw.Error = infoOf(err)
+			out[i] = iw
+			return
+		}
+		iw.Platforms = ri.platforms
+		pinned := true
+		for _, d := range ri.blobs {
+			k := storage.Key{Upstream: ri.repo.Upstream, Digest: d}
+			onDisk, on := n.o.Local.HasBlob(k)
+			size := ri.sizes[d]
+			if size <= 0 && on {
+				size = onDisk
+			}
+			if size <= 0 {
+				if size, err = n.blobSize(ctx, ri, d); err != nil {
+					iw.Error = infoOf(err)
+					break
+				}
+			}
+			iw.Blobs++
+			iw.Bytes += size
+			if !on {
+				iw.MissingBlobs++
+				iw.MissingBytes += size
+			}
+			p, ok := n.pins.get(ri.repo.Upstream, d.String(), now)
+			_, isHeld := held[k]
+			switch {
+			case !ok || !isHeld:
+				pinned = false
+			case iw.PinnedUntil.IsZero() || p.Until.Before(iw.PinnedUntil):
+				iw.PinnedUntil = p.Until
+			}
+		}
+		if !pinned || iw.Error != nil {
+			iw.PinnedUntil = time.Time{}
+		}
+		iw.Warm = iw.Error == nil && iw.MissingBytes == 0 && !iw.PinnedUntil.IsZero()
+		out[i] = iw
+	})
+	return out
+}
+
+// ParseImage reads REPOSITORY@DIGEST, the repository as a client pulls it
+// (registry host and path).
+func ParseImage(s string) (Image, error) {
+	at := strings.LastIndex(s, "@")
+	if at <= 0 {
+		return Image{}, fmt.Errorf("image %q is not REPOSITORY@DIGEST", s)
+	}
+	d, err := digest.Parse(s[at+1:])
+	if err != nil {
+		return Image{}, fmt.Errorf("image %q: digest: %v", s, err)
+	}
+	return Image{Repository: s[:at], Digest: d}, nil
 }
 
 // Facts are this node's facts.

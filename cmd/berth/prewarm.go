@@ -20,6 +20,7 @@ import (
 
 	"github.com/berth-dev/berth/auth"
 	"github.com/berth-dev/berth/coordinator"
+	"github.com/berth-dev/berth/inspector/web"
 )
 
 func init() {
@@ -441,7 +442,7 @@ func (o *prewarmOutput) summary(nodes []coordinator.NodeResult, policy coordinat
 		if n.Error != nil {
 			result += ": " + n.Error.Kind
 		}
-		fmt.Fprintf(tw, "%s\t%d/%d\t%s\t%s\t%s\n", n.Node, n.ImagesDone, n.Images, humanBytes(n.BytesDone), n.Duration.Round(100*time.Millisecond), result)
+		fmt.Fprintf(tw, "%s\t%d/%d\t%s\t%s\t%s\n", n.Node, n.ImagesDone, n.Images, web.Bytes(n.BytesDone), n.Duration.Round(100*time.Millisecond), result)
 	}
 	tw.Flush()
 	verdict := "met"
@@ -449,17 +450,4 @@ func (o *prewarmOutput) summary(nodes []coordinator.NodeResult, policy coordinat
 		verdict = "NOT met"
 	}
 	fmt.Fprintf(o.w, "%d of %d nodes warm; --require %s %s\n", ok, len(nodes), policy, verdict)
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
