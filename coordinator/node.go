@@ -127,21 +127,16 @@ func (n *Node) FleetHandler(fleet *auth.Tokens) http.Handler { return n.guard(fl
 func (n *Node) guard(fleet *auth.Tokens, fleetPort bool) http.Handler {
 	mux := n.routes()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tok := bearerToken(r)
-		r.Header.Del("Authorization") // nothing downstream may log or forward it
+		tok := takeToken(r, false)
 		admin := n.o.AdminTokens.Valid(tok)
 		write := r.Method != http.MethodGet && r.Method != http.MethodHead
 		if fleetPort && !admin && !auth.VerifiedClient(r) && !fleet.Valid(tok) {
-			n.refuse(w, r, auth.FleetRealm, "no valid fleet or admin credential")
+			refuse(w, r, n.o.Log.WithField("api", "node"), `Bearer realm="`+auth.FleetRealm+`"`, "no valid fleet or admin credential")
 			return
 		}
-		if write && !admin {
-			if n.o.AdminTokens != nil {
-				n.refuse(w, r, adminRealm, "writes need an admin token")
-				return
-			}
-			if !Loopback(r.RemoteAddr) {
-				n.refuse(w, r, adminRealm, "no admin token is configured (admin_token_file), so writes are accepted from loopback only")
+		if write {
+			if ok, why := admit(n.o.AdminTokens, tok, r.RemoteAddr, "writes need an admin token", "no admin token is configured (admin_token_file), so writes"); !ok {
+				refuse(w, r, n.o.Log.WithField("api", "node"), `Bearer realm="`+adminRealm+`"`, why)
 				return
 			}
 		}
@@ -152,15 +147,40 @@ func (n *Node) guard(fleet *auth.Tokens, fleetPort bool) http.Handler {
 // adminRealm is the challenge's realm when a write lacks an admin token.
 const adminRealm = "berth-admin"
 
-// refuse answers 401 with the registry error JSON and logs the refusal,
-// never the credential.
-func (n *Node) refuse(w http.ResponseWriter, r *http.Request, realm, why string) {
-	n.o.Log.WithFields(logrus.Fields{"remote": r.RemoteAddr, "method": r.Method, "path": r.URL.Path, "reason": why}).Warn("node API: request refused")
-	w.Header().Set("WWW-Authenticate", `Bearer realm="`+realm+`"`)
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-	w.WriteHeader(http.StatusUnauthorized)
-	_ = json.NewEncoder(w).Encode(errcode.Errors{errcode.ErrorCodeUnauthorized.WithMessage("authentication required: " + why).WithDetail(map[string]string{"kind": "unauthorized"})})
+// refuse answers 401 with the challenge and the registry error JSON, and
+// logs the refusal (who, what, why), never the credential.
+func refuse(w http.ResponseWriter, r *http.Request, log *logrus.Entry, challenge, why string) {
+	log.WithFields(logrus.Fields{"remote": r.RemoteAddr, "method": r.Method, "path": r.URL.Path, "reason": why}).Warn("request refused")
+	w.Header().Set("WWW-Authenticate", challenge)
+	writeError(w, http.StatusUnauthorized, errcode.ErrorCodeUnauthorized, "unauthorized", "authentication required: "+why)
+}
+
+// admit reports whether a request holding tok passes a door that needs
+// one of tokens; when none is configured, loopback clients pass. why is
+// the refusal's reason: need, or (no tokens) what is accepted from
+// loopback only.
+func admit(tokens *auth.Tokens, tok, remote, need, what string) (ok bool, why string) {
+	switch {
+	case tokens.Valid(tok):
+		return true, ""
+	case tokens != nil:
+		return false, need
+	case Loopback(remote):
+		return true, ""
+	}
+	return false, what + " are accepted from loopback only"
+}
+
+// takeToken returns the request's bearer token (or, with basic, the
+// password of basic authentication, which is what a browser can send) and
+// deletes the header, so that nothing downstream may log or forward it.
+func takeToken(r *http.Request, basic bool) string {
+	tok := bearerToken(r)
+	if _, pw, ok := r.BasicAuth(); ok && basic && tok == "" {
+		tok = pw
+	}
+	r.Header.Del("Authorization")
+	return tok
 }
 
 // Loopback reports whether a RemoteAddr (host:port) is a loopback address.

@@ -761,26 +761,15 @@ func (s *Service) Handler() http.Handler {
 			_, _ = w.Write([]byte("ok\n"))
 			return
 		}
-		tok := bearerToken(r)
-		if _, pw, basic := r.BasicAuth(); basic && tok == "" {
-			// A browser sends the token as a password: the pages are
-			// read through the same door as the API.
-			tok = pw
-		}
-		r.Header.Del("Authorization")
-		ok := s.o.APITokens.Valid(tok) || (s.o.APITokens == nil && Loopback(r.RemoteAddr))
-		if !ok {
-			why := "an API token is needed"
-			if s.o.APITokens == nil {
-				why = "no API token is configured, so requests are accepted from loopback only"
-			}
-			s.o.Log.WithFields(logrus.Fields{"remote": r.RemoteAddr, "method": r.Method, "path": r.URL.Path, "reason": why}).Warn("coordinator: request refused")
+		// A browser sends the token as a password: the page is read
+		// through the same door as the API.
+		tok := takeToken(r, true)
+		if ok, why := admit(s.o.APITokens, tok, r.RemoteAddr, "an API token is needed", "no API token is configured, so requests"); !ok {
 			challenge := `Bearer realm="berth-coordinator"`
 			if r.URL.Path == "/ui" || strings.HasPrefix(r.URL.Path, "/ui/") {
 				challenge = `Basic realm="berth-coordinator", charset="UTF-8"` // a browser asks for it
 			}
-			w.Header().Set("WWW-Authenticate", challenge)
-			writeError(w, http.StatusUnauthorized, errcode.ErrorCodeUnauthorized, "unauthorized", "authentication required: "+why)
+			refuse(w, r, s.o.Log.WithField("api", "coordinator"), challenge, why)
 			return
 		}
 		mux.ServeHTTP(w, r)
