@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -54,6 +55,8 @@ type Node struct {
 	ids  []string // oldest first, bounded by maxJobs
 
 	reapplied chan struct{} // closed once the stored pins are re-applied
+
+	queue atomic.Int64 // blobs pre-warm has to fetch: waiting or being fetched
 }
 
 // maxJobs bounds the finished jobs a node remembers.
@@ -90,6 +93,11 @@ type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
+// Queue is how many blobs pre-warm has yet to bring onto this node's
+// disk, waiting or being fetched: by prefetch jobs, and by the pins
+// re-applied at start. The scaler feed reports it (prewarm_queue).
+func (n *Node) Queue() int { return int(n.queue.Load()) }
+
 // Close cancels running jobs and waits for them.
 func (n *Node) Close() {
 	n.stop()
@@ -103,7 +111,9 @@ func (n *Node) reapply() {
 		return
 	}
 	n.o.Log.WithField("pins", len(pins)).Info("pre-warm: re-applying pins")
+	n.queue.Add(int64(len(pins)))
 	forEach(len(pins), prefetchWorkers, func(i int) {
+		defer n.queue.Add(-1)
 		p := pins[i]
 		up, name, _ := strings.Cut(p.Repository, "/")
 		repo := engine.Repo{Upstream: up, Name: name}
@@ -523,6 +533,7 @@ func (n *Node) run(ctx context.Context, j *job) {
 			for b := range work {
 				j.setBlob(b.repo.Upstream, b.d, StateRunning, nil)
 				err := n.o.Engine.Prefetch(ctx, b.repo, b.d, j.pinUntil)
+				n.queue.Add(-1)
 				if err != nil {
 					j.setBlob(b.repo.Upstream, b.d, StateFailed, infoOf(err))
 					continue
@@ -531,15 +542,20 @@ func (n *Node) run(ctx context.Context, j *job) {
 			}
 		}()
 	}
-	for _, b := range j.blobs() {
+	blobs := j.blobs()
+	n.queue.Add(int64(len(blobs)))
+	sent := 0
+	for _, b := range blobs {
 		select {
 		case work <- b:
+			sent++
 		case <-ctx.Done():
 		}
 		if ctx.Err() != nil {
 			break
 		}
 	}
+	n.queue.Add(-int64(len(blobs) - sent)) // canceled before a worker took them
 	close(work)
 	wg.Wait()
 	canceled := ctx.Err() != nil && n.life.Err() == nil

@@ -665,3 +665,41 @@ func TestNodeWarmImages(t *testing.T) {
 		}
 	}
 }
+
+// The pre-warm queue counts a job's blobs until each is on disk: a blob
+// the upstream holds back keeps it above zero, and it is zero once the
+// job has ended.
+func TestNodeQueueMoves(t *testing.T) {
+	up := newUpstream(t)
+	img, _ := random.Image(4096, 2)
+	d := up.push("org/app", "v1", img)
+	layers, _ := img.Layers()
+	held, _ := layers[0].Digest()
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	up.fault(held.String(), func(w http.ResponseWriter) bool {
+		once.Do(func() { close(arrived) })
+		<-release
+		return false // then the registry answers
+	})
+	tn := startNode(t, up, "", 1<<30, nil)
+	if q := tn.node.Queue(); q != 0 {
+		t.Fatalf("queue %d before any job", q)
+	}
+	id := tn.prefetch(t, PrefetchRequest{Images: []Image{{Repository: "registry.test/org/app", Digest: digest.Digest(d.String())}}})
+	select {
+	case <-arrived:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the held blob was never asked for")
+	}
+	if q := tn.node.Queue(); q < 1 {
+		t.Errorf("queue %d while a blob is being fetched", q)
+	}
+	close(release)
+	if s := tn.wait(t, id); s.State != StateSucceeded {
+		t.Fatalf("job %+v", s)
+	}
+	if q := tn.node.Queue(); q != 0 {
+		t.Errorf("queue %d after the job", q)
+	}
+}

@@ -5,6 +5,7 @@ package e2e
 // on a node with room and is refused on a node without; the fleet JSON and
 // the page in Debian's chromium show one node warm, one missing the pin's
 // bytes, one unreachable, and the job's reference holding a <script> as text.
+// And the node's pre-warm queue as the scaler feed and its gauge report it.
 
 import (
 	"bytes"
@@ -13,6 +14,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -131,4 +133,70 @@ func TestCoordinatorFleetPage(t *testing.T) {
 	if c.LogContains(f.adminToken) {
 		t.Error("the coordinator logged a token")
 	}
+}
+
+// berth serve wires the node's pre-warm queue into the scaler feed and the
+// berth_prewarm_queue gauge: above zero while a prefetch of a slow image
+// runs, zero once it has ended.
+func TestPrewarmQueueGauge(t *testing.T) {
+	f := newPWFleet(t)
+	img := PushImage(t, OCI, f.reg.Host, "org/slow", "v1", 2<<20, 2)
+	n := f.node(t, "", "")
+	f.up.rate.Store(1 << 20) // each 2 MiB layer takes about 2s
+	queue := func() (gauge, feed int) {
+		t.Helper()
+		code, body := nodeGet(t, n.URL+"/metrics", "")
+		if code != 200 {
+			t.Fatalf("/metrics: %d", code)
+		}
+		gauge = -1
+		for _, l := range strings.Split(string(body), "\n") {
+			if v, ok := strings.CutPrefix(l, "berth_prewarm_queue "); ok {
+				gauge, _ = strconv.Atoi(strings.TrimSpace(v))
+			}
+		}
+		code, body = nodeGet(t, n.URL+"/berth/v1/scaler", "")
+		var fd struct {
+			PrewarmQueue *int `json:"prewarm_queue"`
+		}
+		if code != 200 || json.Unmarshal(body, &fd) != nil || fd.PrewarmQueue == nil {
+			t.Fatalf("/berth/v1/scaler: %d %s", code, body)
+		}
+		return gauge, *fd.PrewarmQueue
+	}
+	if g, fq := queue(); g != 0 || fq != 0 {
+		t.Fatalf("before the job: gauge %d, feed %d", g, fq)
+	}
+	cl := &coordinator.Client{Base: n.FleetURL, Token: f.adminToken}
+	id, err := cl.Prefetch(context.Background(), coordinator.PrefetchRequest{Images: []coordinator.Image{{Repository: "docker.io/org/slow", Digest: digest.Digest(img.Digest)}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sawGauge, sawFeed := 0, 0
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		s, err := cl.Job(context.Background(), id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.Terminal() {
+			if s.State != coordinator.StateSucceeded {
+				t.Fatalf("job: %+v", s)
+			}
+			break
+		}
+		g, fq := queue()
+		sawGauge, sawFeed = max(sawGauge, g), max(sawFeed, fq)
+		if time.Now().After(deadline) {
+			t.Fatalf("the prefetch did not end: %+v", s)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if sawGauge < 1 || sawFeed < 1 {
+		t.Errorf("while the prefetch ran: gauge at most %d, feed at most %d; want 1 or more", sawGauge, sawFeed)
+	}
+	if g, fq := queue(); g != 0 || fq != 0 {
+		t.Errorf("after the job: gauge %d, feed %d", g, fq)
+	}
+	t.Logf("pre-warm queue seen at most %d (gauge), %d (feed)", sawGauge, sawFeed)
 }
