@@ -86,7 +86,7 @@ func prewarmFlags(o *prewarmOptions, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up after `DURATION`; unfinished nodes count as failed")
 	fs.DurationVar(&o.pin, "pin", 0, "keep the images from eviction on every node for `DURATION` (default: no pin)")
 	fs.StringVar(&o.output, "output", "auto", "`FORMAT`: auto (bars in a terminal, JSON lines otherwise), text or json")
-	fs.StringVar(&o.resolve, "resolve", "node", "resolve tags to digests through a `node` (its upstream credentials) or direct (this machine's Docker config)")
+	fs.StringVar(&o.resolve, "resolve", "node", "`MODE` of resolving tags to digests: node (through a node, with its upstream credentials) or direct (from this machine, with its Docker config)")
 	fs.StringVar(&o.tokenFile, "token-file", os.Getenv("BERTH_PREWARM_TOKEN_FILE"), "`FILE` whose first token is sent to the nodes or the coordinator (their admin_token_file) [$BERTH_PREWARM_TOKEN_FILE]")
 	fs.StringVar(&o.coordinator, "coordinator", "", "hand the job to the coordinator at `URL` and follow it there")
 	fs.Usage = func() {
