@@ -24,21 +24,15 @@ type Client struct {
 
 func (c *Client) url(p string) string { return strings.TrimRight(c.Base, "/") + p }
 
-func (c *Client) do(ctx context.Context, method, p string, in, out any) error {
-	var body io.Reader
-	if in != nil {
-		b, err := json.Marshal(in)
-		if err != nil {
-			return err
-		}
-		body = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, c.url(p), body)
+// send makes one request, with the token, and types a failure to send:
+// the context's end, or node_unreachable.
+func (c *Client) send(ctx context.Context, method, u string, body io.Reader, h http.Header) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, u, body)
 	if err != nil {
-		return &ErrorInfo{Kind: "invalid_request", Message: err.Error()}
+		return nil, &ErrorInfo{Kind: "invalid_request", Message: err.Error()}
 	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
+	for k, v := range h {
+		req.Header[k] = v
 	}
 	if c.Token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.Token)
@@ -50,9 +44,29 @@ func (c *Client) do(ctx context.Context, method, p string, in, out any) error {
 	resp, err := hc.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return infoOf(ctx.Err())
+			return nil, infoOf(ctx.Err())
 		}
-		return &ErrorInfo{Kind: "node_unreachable", Message: err.Error()}
+		return nil, &ErrorInfo{Kind: "node_unreachable", Message: err.Error()}
+	}
+	return resp, nil
+}
+
+func (c *Client) do(ctx context.Context, method, p string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(b)
+	}
+	h := http.Header{}
+	if in != nil {
+		h.Set("Content-Type", "application/json")
+	}
+	resp, err := c.send(ctx, method, c.url(p), body, h)
+	if err != nil {
+		return err
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
@@ -105,20 +119,26 @@ func (c *Client) Cancel(ctx context.Context, id string) error {
 
 // Warm reports whether every pin of the node is on its disk.
 func (c *Client) Warm(ctx context.Context) (WarmStatus, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.url("/berth/v1/warm"), nil)
+	return c.WarmImages(ctx, nil, nil)
+}
+
+// WarmImages reports, beside the node's pins, how much of each image
+// (expanded to platforms, default the node's own) the node lacks.
+func (c *Client) WarmImages(ctx context.Context, images []Image, platforms []string) (WarmStatus, error) {
+	q := url.Values{}
+	for _, img := range images {
+		q.Add("image", img.Repository+"@"+img.Digest.String())
+	}
+	for _, p := range platforms {
+		q.Add("platform", p)
+	}
+	u := c.url("/berth/v1/warm")
+	if len(q) > 0 {
+		u += "?" + q.Encode()
+	}
+	resp, err := c.send(ctx, http.MethodGet, u, nil, nil)
 	if err != nil {
 		return WarmStatus{}, err
-	}
-	if c.Token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.Token)
-	}
-	hc := c.HTTP
-	if hc == nil {
-		hc = http.DefaultClient
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		return WarmStatus{}, &ErrorInfo{Kind: "node_unreachable", Message: err.Error()}
 	}
 	defer resp.Body.Close()
 	var st WarmStatus
@@ -156,23 +176,9 @@ func (c *Client) Watch(ctx context.Context, id string, fn func(JobSnapshot)) (Jo
 // Events reads a server-sent event stream, calling fn with each event's
 // name and data, until an "end" event (nil), the stream's end or ctx.
 func Events(ctx context.Context, hc *http.Client, u, token string, fn func(event string, data []byte) error) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	resp, err := (&Client{Token: token, HTTP: hc}).send(ctx, http.MethodGet, u, nil, http.Header{"Accept": {"text/event-stream"}})
 	if err != nil {
 		return err
-	}
-	req.Header.Set("Accept", "text/event-stream")
-	if token != "" {
-		req.Header.Set("Authorization", "Bearer "+token)
-	}
-	if hc == nil {
-		hc = http.DefaultClient
-	}
-	resp, err := hc.Do(req)
-	if err != nil {
-		if ctx.Err() != nil {
-			return infoOf(ctx.Err())
-		}
-		return &ErrorInfo{Kind: "node_unreachable", Message: err.Error()}
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != 200 {

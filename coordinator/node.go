@@ -14,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -54,6 +55,8 @@ type Node struct {
 	ids  []string // oldest first, bounded by maxJobs
 
 	reapplied chan struct{} // closed once the stored pins are re-applied
+
+	queue atomic.Int64 // blobs pre-warm has to fetch: waiting or being fetched
 }
 
 // maxJobs bounds the finished jobs a node remembers.
@@ -90,6 +93,11 @@ type discard struct{}
 
 func (discard) Write(p []byte) (int, error) { return len(p), nil }
 
+// Queue is how many blobs pre-warm has yet to bring onto this node's
+// disk, waiting or being fetched: by prefetch jobs, and by the pins
+// re-applied at start. The scaler feed reports it (prewarm_queue).
+func (n *Node) Queue() int { return int(n.queue.Load()) }
+
 // Close cancels running jobs and waits for them.
 func (n *Node) Close() {
 	n.stop()
@@ -103,22 +111,16 @@ func (n *Node) reapply() {
 		return
 	}
 	n.o.Log.WithField("pins", len(pins)).Info("pre-warm: re-applying pins")
-	sem := make(chan struct{}, prefetchWorkers)
-	var wg sync.WaitGroup
-	for _, p := range pins {
+	n.queue.Add(int64(len(pins)))
+	forEach(len(pins), prefetchWorkers, func(i int) {
+		defer n.queue.Add(-1)
+		p := pins[i]
 		up, name, _ := strings.Cut(p.Repository, "/")
 		repo := engine.Repo{Upstream: up, Name: name}
-		sem <- struct{}{}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer func() { <-sem }()
-			if err := n.o.Engine.Prefetch(n.life, repo, p.Digest, p.Until); err != nil && n.life.Err() == nil {
-				n.o.Log.WithError(err).WithFields(logrus.Fields{"repository": p.Repository, "digest": p.Digest, "kind": engine.KindOf(err)}).Warn("pre-warm: a stored pin could not be re-applied")
-			}
-		}()
-	}
-	wg.Wait()
+		if err := n.o.Engine.Prefetch(n.life, repo, p.Digest, p.Until); err != nil && n.life.Err() == nil {
+			n.o.Log.WithError(err).WithFields(logrus.Fields{"repository": p.Repository, "digest": p.Digest, "kind": engine.KindOf(err)}).Warn("pre-warm: a stored pin could not be re-applied")
+		}
+	})
 }
 
 // Handler is the node API for the registry listener: reads are open as
@@ -135,21 +137,16 @@ func (n *Node) FleetHandler(fleet *auth.Tokens) http.Handler { return n.guard(fl
 func (n *Node) guard(fleet *auth.Tokens, fleetPort bool) http.Handler {
 	mux := n.routes()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		tok := bearerToken(r)
-		r.Header.Del("Authorization") // nothing downstream may log or forward it
+		tok := takeToken(r, false)
 		admin := n.o.AdminTokens.Valid(tok)
 		write := r.Method != http.MethodGet && r.Method != http.MethodHead
 		if fleetPort && !admin && !auth.VerifiedClient(r) && !fleet.Valid(tok) {
-			n.refuse(w, r, auth.FleetRealm, "no valid fleet or admin credential")
+			refuse(w, r, n.o.Log.WithField("api", "node"), `Bearer realm="`+auth.FleetRealm+`"`, "no valid fleet or admin credential")
 			return
 		}
-		if write && !admin {
-			if n.o.AdminTokens != nil {
-				n.refuse(w, r, adminRealm, "writes need an admin token")
-				return
-			}
-			if !Loopback(r.RemoteAddr) {
-				n.refuse(w, r, adminRealm, "no admin token is configured (admin_token_file), so writes are accepted from loopback only")
+		if write {
+			if ok, why := admit(n.o.AdminTokens, tok, r.RemoteAddr, "writes need an admin token", "no admin token is configured (admin_token_file), so writes"); !ok {
+				refuse(w, r, n.o.Log.WithField("api", "node"), `Bearer realm="`+adminRealm+`"`, why)
 				return
 			}
 		}
@@ -160,15 +157,40 @@ func (n *Node) guard(fleet *auth.Tokens, fleetPort bool) http.Handler {
 // adminRealm is the challenge's realm when a write lacks an admin token.
 const adminRealm = "berth-admin"
 
-// refuse answers 401 with the registry error JSON and logs the refusal,
-// never the credential.
-func (n *Node) refuse(w http.ResponseWriter, r *http.Request, realm, why string) {
-	n.o.Log.WithFields(logrus.Fields{"remote": r.RemoteAddr, "method": r.Method, "path": r.URL.Path, "reason": why}).Warn("node API: request refused")
-	w.Header().Set("WWW-Authenticate", `Bearer realm="`+realm+`"`)
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-	w.WriteHeader(http.StatusUnauthorized)
-	_ = json.NewEncoder(w).Encode(errcode.Errors{errcode.ErrorCodeUnauthorized.WithMessage("authentication required: " + why).WithDetail(map[string]string{"kind": "unauthorized"})})
+// refuse answers 401 with the challenge and the registry error JSON, and
+// logs the refusal (who, what, why), never the credential.
+func refuse(w http.ResponseWriter, r *http.Request, log *logrus.Entry, challenge, why string) {
+	log.WithFields(logrus.Fields{"remote": r.RemoteAddr, "method": r.Method, "path": r.URL.Path, "reason": why}).Warn("request refused")
+	w.Header().Set("WWW-Authenticate", challenge)
+	writeError(w, http.StatusUnauthorized, errcode.ErrorCodeUnauthorized, "unauthorized", "authentication required: "+why)
+}
+
+// admit reports whether a request holding tok passes a door that needs
+// one of tokens; when none is configured, loopback clients pass. why is
+// the refusal's reason: need, or (no tokens) what is accepted from
+// loopback only.
+func admit(tokens *auth.Tokens, tok, remote, need, what string) (ok bool, why string) {
+	switch {
+	case tokens.Valid(tok):
+		return true, ""
+	case tokens != nil:
+		return false, need
+	case Loopback(remote):
+		return true, ""
+	}
+	return false, what + " are accepted from loopback only"
+}
+
+// takeToken returns the request's bearer token (or, with basic, the
+// password of basic authentication, which is what a browser can send) and
+// deletes the header, so that nothing downstream may log or forward it.
+func takeToken(r *http.Request, basic bool) string {
+	tok := bearerToken(r)
+	if _, pw, ok := r.BasicAuth(); ok && basic && tok == "" {
+		tok = pw
+	}
+	r.Header.Del("Authorization")
+	return tok
 }
 
 // Loopback reports whether a RemoteAddr (host:port) is a loopback address.
@@ -301,45 +323,45 @@ func (n *Node) plan(ctx context.Context, req PrefetchRequest) *job {
 	j.snap = JobSnapshot{ID: newID(), State: StateRunning, Created: time.Now().UTC(), PinUntil: req.PinUntil}
 	j.snap.Images = make([]ImageStatus, len(req.Images))
 	j.repos = make([]engine.Repo, len(req.Images))
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 8)
-	for i, img := range req.Images {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			st := ImageStatus{Image: img, State: StatePending}
-			ri, err := walkImage(ctx, n.o.Engine, img, req.Platforms)
-			if err == nil {
-				st.Platforms = ri.platforms
-				j.repos[i] = ri.repo
-				n.primeTag(ctx, ri.repo, img)
-				for _, d := range ri.blobs {
-					// The manifest's descriptor gives the size (the blob is
-					// verified against its digest when fetched); only a
-					// descriptor without one costs a lookup.
-					size := ri.sizes[d]
-					if size <= 0 {
-						var serr error
-						if size, serr = n.o.Engine.StatBlob(ctx, ri.repo, d); serr != nil {
-							err = fmt.Errorf("blob %s: %w", d, serr)
-							break
-						}
-					}
-					st.Blobs = append(st.Blobs, BlobStatus{Digest: d, Size: size, State: StatePending})
-					st.BytesTotal += size
+	forEach(len(req.Images), 8, func(i int) {
+		img := req.Images[i]
+		st := ImageStatus{Image: img, State: StatePending}
+		ri, err := walkImage(ctx, n.o.Engine, img, req.Platforms)
+		if err == nil {
+			st.Platforms = ri.platforms
+			j.repos[i] = ri.repo
+			n.primeTag(ctx, ri.repo, img)
+			for _, d := range ri.blobs {
+				size, serr := n.blobSize(ctx, ri, d)
+				if serr != nil {
+					err = serr
+					break
 				}
+				st.Blobs = append(st.Blobs, BlobStatus{Digest: d, Size: size, State: StatePending})
+				st.BytesTotal += size
 			}
-			if err != nil {
-				st.State, st.Error, st.Blobs, st.BytesTotal = StateFailed, infoOf(err), nil, 0
-			}
-			j.snap.Images[i] = st
-		}()
-	}
-	wg.Wait()
+		}
+		if err != nil {
+			st.State, st.Error, st.Blobs, st.BytesTotal = StateFailed, infoOf(err), nil, 0
+		}
+		j.snap.Images[i] = st
+	})
 	j.totals()
 	return j
+}
+
+// blobSize is a blob's size: the manifest's descriptor gives it (the blob
+// is verified against its digest when fetched); only a descriptor without
+// one costs a lookup.
+func (n *Node) blobSize(ctx context.Context, ri *resolvedImage, d digest.Digest) (int64, error) {
+	if size := ri.sizes[d]; size > 0 {
+		return size, nil
+	}
+	size, err := n.o.Engine.StatBlob(ctx, ri.repo, d)
+	if err != nil {
+		return 0, fmt.Errorf("blob %s: %w", d, err)
+	}
+	return size, nil
 }
 
 // primeTag looks up the tag the image was resolved from, so that a pull
@@ -511,6 +533,7 @@ func (n *Node) run(ctx context.Context, j *job) {
 			for b := range work {
 				j.setBlob(b.repo.Upstream, b.d, StateRunning, nil)
 				err := n.o.Engine.Prefetch(ctx, b.repo, b.d, j.pinUntil)
+				n.queue.Add(-1)
 				if err != nil {
 					j.setBlob(b.repo.Upstream, b.d, StateFailed, infoOf(err))
 					continue
@@ -519,15 +542,20 @@ func (n *Node) run(ctx context.Context, j *job) {
 			}
 		}()
 	}
-	for _, b := range j.blobs() {
+	blobs := j.blobs()
+	n.queue.Add(int64(len(blobs)))
+	sent := 0
+	for _, b := range blobs {
 		select {
 		case work <- b:
+			sent++
 		case <-ctx.Done():
 		}
 		if ctx.Err() != nil {
 			break
 		}
 	}
+	n.queue.Add(-int64(len(blobs) - sent)) // canceled before a worker took them
 	close(work)
 	wg.Wait()
 	canceled := ctx.Err() != nil && n.life.Err() == nil
@@ -747,8 +775,31 @@ func (n *Node) activePins() []Pin {
 }
 
 // warm answers 200 when every pin in force is on this node's disk and
-// held against eviction, 503 otherwise, naming what is missing.
+// held against eviction, 503 otherwise, naming what is missing. With
+// ?image=REPOSITORY@DIGEST (repeatable, and ?platform=os/arch to expand
+// indexes) it also says how much of each image the disk lacks, and 200
+// needs each of those images on disk and pinned too.
 func (n *Node) warm(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	var images []Image
+	for _, s := range q["image"] {
+		img, err := ParseImage(s)
+		if err != nil {
+			writeError(w, http.StatusBadRequest, ErrorCodeInvalid, "invalid_request", err.Error())
+			return
+		}
+		images = append(images, img)
+	}
+	if len(images) > maxImages {
+		writeError(w, http.StatusBadRequest, ErrorCodeInvalid, "invalid_request", fmt.Sprintf("image: at most %d, got %d", maxImages, len(images)))
+		return
+	}
+	for _, p := range q["platform"] {
+		if err := ValidPlatform(p); err != nil {
+			writeError(w, http.StatusBadRequest, ErrorCodeInvalid, "invalid_request", err.Error())
+			return
+		}
+	}
 	pins := n.activePins()
 	st := WarmStatus{Warm: true, Pins: len(pins)}
 	for _, p := range pins {
@@ -757,11 +808,89 @@ func (n *Node) warm(w http.ResponseWriter, r *http.Request) {
 			st.Missing = append(st.Missing, p)
 		}
 	}
+	if len(images) > 0 {
+		ctx, cancel := context.WithTimeout(r.Context(), time.Minute)
+		defer cancel()
+		st.Images = n.ImagesWarmth(ctx, images, q["platform"])
+		for _, iw := range st.Images {
+			st.Warm = st.Warm && iw.Warm
+		}
+	}
 	code := http.StatusOK
 	if !st.Warm {
 		code = http.StatusServiceUnavailable
 	}
 	writeJSON(w, code, st)
+}
+
+// ImagesWarmth says, for each image, how many of its bytes (the blobs of
+// platforms, default this node's) this node's disk lacks and until when
+// they are pinned here. The manifests are read through the engine, from
+// this node's disk when a warm-up put them there; an image that cannot be
+// read carries its typed error.
+func (n *Node) ImagesWarmth(ctx context.Context, images []Image, platforms []string) []ImageWarmth {
+	out := make([]ImageWarmth, len(images))
+	now := time.Now()
+	held := n.o.Engine.Pinned()
+	forEach(len(images), 8, func(i int) {
+		iw := ImageWarmth{Image: images[i]}
+		ri, err := walkImage(ctx, n.o.Engine, images[i], platforms)
+		if err != nil {
+			iw.Error = infoOf(err)
+			out[i] = iw
+			return
+		}
+		iw.Platforms = ri.platforms
+		pinned := true
+		for _, d := range ri.blobs {
+			k := storage.Key{Upstream: ri.repo.Upstream, Digest: d}
+			onDisk, on := n.o.Local.HasBlob(k)
+			size := ri.sizes[d]
+			if size <= 0 && on {
+				size = onDisk
+			}
+			if size <= 0 {
+				if size, err = n.blobSize(ctx, ri, d); err != nil {
+					iw.Error = infoOf(err)
+					break
+				}
+			}
+			iw.Blobs++
+			iw.Bytes += size
+			if !on {
+				iw.MissingBlobs++
+				iw.MissingBytes += size
+			}
+			p, ok := n.pins.get(ri.repo.Upstream, d.String(), now)
+			_, isHeld := held[k]
+			switch {
+			case !ok || !isHeld:
+				pinned = false
+			case iw.PinnedUntil.IsZero() || p.Until.Before(iw.PinnedUntil):
+				iw.PinnedUntil = p.Until
+			}
+		}
+		if !pinned || iw.Error != nil {
+			iw.PinnedUntil = time.Time{}
+		}
+		iw.Warm = iw.Error == nil && iw.MissingBytes == 0 && !iw.PinnedUntil.IsZero()
+		out[i] = iw
+	})
+	return out
+}
+
+// ParseImage reads REPOSITORY@DIGEST, the repository as a client pulls it
+// (registry host and path).
+func ParseImage(s string) (Image, error) {
+	at := strings.LastIndex(s, "@")
+	if at <= 0 {
+		return Image{}, fmt.Errorf("image %q is not REPOSITORY@DIGEST", s)
+	}
+	d, err := digest.Parse(s[at+1:])
+	if err != nil {
+		return Image{}, fmt.Errorf("image %q: digest: %v", s, err)
+	}
+	return Image{Repository: s[:at], Digest: d}, nil
 }
 
 // Facts are this node's facts.

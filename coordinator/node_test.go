@@ -615,3 +615,91 @@ func TestNodeUpstreamErrorsAreTyped(t *testing.T) {
 		t.Error("a blob of a failed image is still pinned in the engine")
 	}
 }
+
+func TestNodeWarmImages(t *testing.T) {
+	up := newUpstream(t)
+	img, _ := random.Image(4096, 3)
+	d := up.push("org/app", "v1", img)
+	other, _ := random.Image(2048, 2)
+	od := up.push("org/other", "v1", other)
+	_, total := blobsOf(t, img)
+	_, otherTotal := blobsOf(t, other)
+	tn := startNode(t, up, "", 1<<30, nil)
+	app := "registry.test/org/app@" + d.String()
+	warm := func(q string) (int, WarmStatus) {
+		t.Helper()
+		w := do(tn.h, "GET", "/berth/v1/warm?"+q, loop, "", nil)
+		var st WarmStatus
+		if err := json.Unmarshal(w.Body.Bytes(), &st); err != nil {
+			t.Fatalf("warm?%s: %d %s", q, w.Code, w.Body)
+		}
+		return w.Code, st
+	}
+
+	// Nothing fetched yet: the whole image is missing, and the gate says so.
+	code, st := warm("image=" + app)
+	if code != 503 || st.Warm || len(st.Images) != 1 || st.Images[0].MissingBytes != total || st.Images[0].Bytes != total || st.Images[0].Warm || st.Images[0].Error != nil {
+		t.Fatalf("before: %d %+v", code, st)
+	}
+	// Pinned: nothing missing, pinned until the job's time.
+	until := time.Now().Add(time.Hour).UTC().Truncate(time.Second)
+	tn.wait(t, tn.prefetch(t, PrefetchRequest{Images: []Image{{Repository: "registry.test/org/app", Digest: digest.Digest(d.String())}}, PinUntil: until}))
+	// The other image on disk without a pin: nothing missing, not warm.
+	tn.wait(t, tn.prefetch(t, PrefetchRequest{Images: []Image{{Repository: "registry.test/org/other", Digest: digest.Digest(od.String())}}}))
+	code, st = warm("image=" + app + "&image=registry.test/org/other@" + od.String())
+	a, o := st.Images[0], st.Images[1]
+	if code != 503 || a.MissingBytes != 0 || !a.Warm || !a.PinnedUntil.Equal(until) || o.MissingBytes != 0 || o.Bytes != otherTotal || o.Warm || !o.PinnedUntil.IsZero() {
+		t.Fatalf("after: %d %+v", code, st)
+	}
+	if code, st = warm("image=" + app); code != 200 || !st.Warm {
+		t.Errorf("the pinned image alone: %d %+v", code, st)
+	}
+	// A digest the upstream does not have: the image's typed error.
+	code, st = warm("image=registry.test/org/app@sha256:" + strings.Repeat("0", 64))
+	if code != 503 || st.Images[0].Error == nil || st.Images[0].Error.Kind != "not_found" {
+		t.Errorf("unknown digest: %d %+v", code, st)
+	}
+	for _, q := range []string{"image=registry.test/org/app:v1", "image=@" + d.String(), "image=" + app + "&platform=linux"} {
+		if w := do(tn.h, "GET", "/berth/v1/warm?"+q, loop, "", nil); w.Code != 400 || !strings.Contains(w.Body.String(), "PREWARM_INVALID") {
+			t.Errorf("warm?%s: %d %s", q, w.Code, w.Body)
+		}
+	}
+}
+
+// The pre-warm queue counts a job's blobs until each is on disk: a blob
+// the upstream holds back keeps it above zero, and it is zero once the
+// job has ended.
+func TestNodeQueueMoves(t *testing.T) {
+	up := newUpstream(t)
+	img, _ := random.Image(4096, 2)
+	d := up.push("org/app", "v1", img)
+	layers, _ := img.Layers()
+	held, _ := layers[0].Digest()
+	arrived, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	up.fault(held.String(), func(w http.ResponseWriter) bool {
+		once.Do(func() { close(arrived) })
+		<-release
+		return false // then the registry answers
+	})
+	tn := startNode(t, up, "", 1<<30, nil)
+	if q := tn.node.Queue(); q != 0 {
+		t.Fatalf("queue %d before any job", q)
+	}
+	id := tn.prefetch(t, PrefetchRequest{Images: []Image{{Repository: "registry.test/org/app", Digest: digest.Digest(d.String())}}})
+	select {
+	case <-arrived:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the held blob was never asked for")
+	}
+	if q := tn.node.Queue(); q < 1 {
+		t.Errorf("queue %d while a blob is being fetched", q)
+	}
+	close(release)
+	if s := tn.wait(t, id); s.State != StateSucceeded {
+		t.Fatalf("job %+v", s)
+	}
+	if q := tn.node.Queue(); q != 0 {
+		t.Errorf("queue %d after the job", q)
+	}
+}

@@ -79,18 +79,7 @@ func classifyRemote(ref string, err error) error {
 func ResolveAll(ctx context.Context, refs []string, resolve Resolver) ([]Image, map[string]*ErrorInfo) {
 	imgs := make([]Image, len(refs))
 	errs := make([]error, len(refs))
-	var wg sync.WaitGroup
-	sem := make(chan struct{}, 8)
-	for i, r := range refs {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			imgs[i], errs[i] = resolve(ctx, r)
-		}()
-	}
-	wg.Wait()
+	forEach(len(refs), 8, func(i int) { imgs[i], errs[i] = resolve(ctx, refs[i]) })
 	var out []Image
 	failed := map[string]*ErrorInfo{}
 	seen := map[string]bool{}
@@ -106,4 +95,21 @@ func ResolveAll(ctx context.Context, refs []string, resolve Resolver) ([]Image, 
 		}
 	}
 	return out, failed
+}
+
+// forEach calls fn(i) for every i below n, at most limit at a time, and
+// returns once every call has.
+func forEach(n, limit int, fn func(i int)) {
+	sem := make(chan struct{}, limit)
+	var wg sync.WaitGroup
+	for i := range n {
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-sem }()
+			fn(i)
+		}()
+	}
+	wg.Wait()
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/sirupsen/logrus"
 
 	"github.com/berth-dev/berth/auth"
+	"github.com/berth-dev/berth/inspector/web"
 	"github.com/berth-dev/berth/storage"
 )
 
@@ -734,8 +735,10 @@ func (s *Service) Notify(ctx context.Context, body []byte) ([]string, error) {
 	return []string{r.ID}, nil
 }
 
-// Handler is the coordinator's HTTP API. Every request needs one of the
-// API tokens, or comes from loopback when none is configured.
+// Handler is the coordinator's HTTP API and its fleet page (/ui/). Every
+// request but the probes needs one of the API tokens (as a bearer token,
+// or as the password of basic authentication, which a browser asks for),
+// or comes from loopback when none is configured.
 func (s *Service) Handler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /berth/v1/coordinator/jobs", s.httpSubmit)
@@ -745,6 +748,10 @@ func (s *Service) Handler() http.Handler {
 	mux.HandleFunc("GET /berth/v1/coordinator/jobs/{id}/events", s.httpEvents)
 	mux.HandleFunc("POST /berth/v1/coordinator/notifications", s.httpNotify)
 	mux.HandleFunc("GET /berth/v1/coordinator/nodes", func(w http.ResponseWriter, r *http.Request) { writeJSON(w, 200, s.Nodes()) })
+	mux.HandleFunc("GET /berth/v1/coordinator/fleet", s.httpFleet)
+	mux.Handle("GET "+web.StaticPrefix, web.Static())
+	mux.HandleFunc("GET /ui/{$}", s.pageFleet)
+	mux.HandleFunc("GET /ui", func(w http.ResponseWriter, r *http.Request) { http.Redirect(w, r, "/ui/", http.StatusMovedPermanently) })
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, errcode.ErrorCodeUnsupported, "", "no such coordinator route: "+r.Method+" "+r.URL.Path)
 	})
@@ -754,17 +761,15 @@ func (s *Service) Handler() http.Handler {
 			_, _ = w.Write([]byte("ok\n"))
 			return
 		}
-		tok := bearerToken(r)
-		r.Header.Del("Authorization")
-		ok := s.o.APITokens.Valid(tok) || (s.o.APITokens == nil && Loopback(r.RemoteAddr))
-		if !ok {
-			why := "an API token is needed"
-			if s.o.APITokens == nil {
-				why = "no API token is configured, so requests are accepted from loopback only"
+		// A browser sends the token as a password: the page is read
+		// through the same door as the API.
+		tok := takeToken(r, true)
+		if ok, why := admit(s.o.APITokens, tok, r.RemoteAddr, "an API token is needed", "no API token is configured, so requests"); !ok {
+			challenge := `Bearer realm="berth-coordinator"`
+			if r.URL.Path == "/ui" || strings.HasPrefix(r.URL.Path, "/ui/") {
+				challenge = `Basic realm="berth-coordinator", charset="UTF-8"` // a browser asks for it
 			}
-			s.o.Log.WithFields(logrus.Fields{"remote": r.RemoteAddr, "method": r.Method, "path": r.URL.Path, "reason": why}).Warn("coordinator: request refused")
-			w.Header().Set("WWW-Authenticate", `Bearer realm="berth-coordinator"`)
-			writeError(w, http.StatusUnauthorized, errcode.ErrorCodeUnauthorized, "unauthorized", "authentication required: "+why)
+			refuse(w, r, s.o.Log.WithField("api", "coordinator"), challenge, why)
 			return
 		}
 		mux.ServeHTTP(w, r)

@@ -121,6 +121,25 @@ type WarmStatus struct {
 	Warm    bool  `json:"warm"`
 	Pins    int   `json:"pins"`
 	Missing []Pin `json:"missing,omitempty"`
+	// Images answers ?image=: how much of each image the node lacks.
+	Images []ImageWarmth `json:"images,omitempty"`
+}
+
+// ImageWarmth is how much of one image a node holds: the config and layer
+// blobs of the platforms asked for (default the node's own).
+type ImageWarmth struct {
+	Image        Image    `json:"image"`
+	Platforms    []string `json:"platforms,omitempty"` // the platforms an index was expanded to
+	Blobs        int      `json:"blobs"`
+	Bytes        int64    `json:"bytes"`
+	MissingBlobs int      `json:"missing_blobs"`
+	MissingBytes int64    `json:"missing_bytes"` // what the node's disk lacks
+	// Warm: every blob is on the node's disk and pinned there.
+	Warm bool `json:"warm"`
+	// PinnedUntil is when the image's pins on the node end (the earliest
+	// of its blobs'); zero when some blob is not pinned there.
+	PinnedUntil time.Time  `json:"pinned_until,omitzero"`
+	Error       *ErrorInfo `json:"error,omitempty"`
 }
 
 // NodeFacts is GET /berth/v1/node: what a coordinator needs to plan.

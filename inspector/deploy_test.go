@@ -70,7 +70,7 @@ func berthMetrics(t *testing.T) map[string]bool {
 	engine.CountS3Requests(rec)
 	mirror.New(eng, rec, logrus.NewEntry(logrus.New()))
 	healthcheck.New(rec)
-	ins, err := New(Options{Engine: eng, Local: local, Config: cfg, Metrics: rec})
+	ins, err := New(Options{Engine: eng, Local: local, Config: cfg, Metrics: rec, PrewarmQueue: func() int { return 0 }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,7 +251,7 @@ func TestDocumentedValueLocations(t *testing.T) {
 		t.Fatal(err)
 	}
 	feed := Feed{Images: []FeedImage{{Image: "docker.io/library/nginx:1.27", MissingBytes: 50 << 20, ColdStartSeconds: 5, Watched: true}},
-		MissingBytes: 50 << 20, ColdStartSeconds: 5, InspectQueue: 3, InflightFetches: 1}
+		MissingBytes: 50 << 20, ColdStartSeconds: 5, InspectQueue: 3, InflightFetches: 1, PrewarmQueue: new(int)}
 	fj, _ := json.Marshal(feed)
 	locs := regexp.MustCompile(`valueLocation: '([^']+)'`).FindAllStringSubmatch(string(b), -1)
 	if len(locs) < 3 {

@@ -63,7 +63,7 @@ type Options struct {
 	// Client sends webhooks; default a client with a 10s timeout.
 	Client HTTPDoer
 	// PrewarmQueue, when set, reports pre-warm's queue for the scaler feed
-	// (prewarm_queue); nil: the feed has no such field.
+	// (prewarm_queue, and the gauge berth_prewarm_queue); nil: neither.
 	PrewarmQueue func() int
 }
 

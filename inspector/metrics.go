@@ -56,5 +56,10 @@ func newMetrics(reg prometheus.Registerer, i *Inspector) *metrics {
 			Name: "berth_inspect_waiting", Help: "Manifests waiting for a pull to cache their config blob before they are inspected.",
 		}, func() float64 { return float64(i.Waiting()) }),
 	)
+	if q := i.o.PrewarmQueue; q != nil {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "berth_prewarm_queue", Help: "Blobs pre-warm has yet to bring onto this node's disk: waiting or being fetched.",
+		}, func() float64 { return float64(q()) }))
+	}
 	return m
 }

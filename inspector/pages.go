@@ -1,58 +1,24 @@
 package inspector
 
 import (
-	"bytes"
 	"context"
 	"embed"
-	"encoding/json"
 	"fmt"
 	"html/template"
-	"io/fs"
 	"net/http"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 
 	"github.com/berth-dev/berth/healthcheck"
+	"github.com/berth-dev/berth/inspector/web"
 )
 
 //go:embed web/templates/*.html
 var templateFS embed.FS
 
-//go:embed web/static
-var staticFS embed.FS
-
+// funcs are the inspector's own, beside web.Funcs.
 var funcs = template.FuncMap{
-	"short": func(d string) string {
-		if pd, err := digest.Parse(d); err == nil && len(pd.Encoded()) > 12 {
-			return string(pd.Algorithm()) + ":" + pd.Encoded()[:12]
-		}
-		return d
-	},
-	"bytes": humanBytes,
-	"when": func(t any) string {
-		switch v := t.(type) {
-		case time.Time:
-			if v.IsZero() {
-				return ""
-			}
-			return v.UTC().Format("2006-01-02 15:04:05 UTC")
-		case *time.Time:
-			if v == nil {
-				return ""
-			}
-			return v.UTC().Format("2006-01-02 15:04:05 UTC")
-		}
-		return fmt.Sprint(t)
-	},
-	"json": func(v any) string { b, _ := json.Marshal(v); return string(b) },
-	"inc":  func(n int) int { return n + 1 },
-	"pct": func(n, of int64) string {
-		if of <= 0 {
-			return "0"
-		}
-		return fmt.Sprintf("%.1f", min(100, 100*float64(n)/float64(of)))
-	},
 	"maxLayer": func(ls []Layer) int64 {
 		var m int64
 		for _, l := range ls {
@@ -66,36 +32,26 @@ var funcs = template.FuncMap{
 		}
 		return &as[len(as)-1]
 	},
-	"int64": func(f float64) int64 { return int64(f) },
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
 // templates: one per page, each with the layout.
 var templates = func() map[string]*template.Template {
 	out := map[string]*template.Template{}
 	for _, page := range []string{"images", "image", "webhooks", "node"} {
-		out[page] = template.Must(template.New(page).Funcs(funcs).ParseFS(templateFS, "web/templates/layout.html", "web/templates/"+page+".html"))
+		out[page] = web.Parse(page, funcs, templateFS, "web/templates/"+page+".html")
 	}
 	return out
 }()
+
+// nav is the inspector pages' navigation bar.
+var nav = []web.Link{{Href: "/ui/", Text: "Images"}, {Href: "/ui/webhooks", Text: "Webhooks"}, {Href: "/ui/node", Text: "Node"}}
 
 type page struct {
 	Title  string
 	Ref    string
 	Data   any
 	Images []pageImage
+	Nav    []web.Link
 }
 
 type pageImage struct {
@@ -104,24 +60,12 @@ type pageImage struct {
 }
 
 func (i *Inspector) render(w http.ResponseWriter, status int, name string, p page) {
-	var buf bytes.Buffer
-	if err := templates[name].ExecuteTemplate(&buf, "layout", p); err != nil {
-		http.Error(w, "template: "+err.Error(), http.StatusInternalServerError)
-		return
-	}
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	w.Header().Set("Cache-Control", "no-store")
-	// No script runs on these pages: a label that tries is text, and
-	// would be refused anyway.
-	w.Header().Set("Content-Security-Policy", "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
-	_, _ = w.Write(buf.Bytes())
+	p.Nav = nav
+	web.Render(w, status, templates[name], p)
 }
 
 func (i *Inspector) pages(mux *http.ServeMux) {
-	static, _ := fs.Sub(staticFS, "web/static")
-	mux.Handle("GET /ui/static/", http.StripPrefix("/ui/static/", http.FileServerFS(static)))
+	mux.Handle("GET "+web.StaticPrefix, web.Static())
 	mux.HandleFunc("GET /ui/{$}", i.pageImages)
 	mux.HandleFunc("GET /ui/image/{ref...}", i.pageImage)
 	mux.HandleFunc("GET /ui/webhooks", i.pageWebhooks)

@@ -56,7 +56,7 @@ func runConfigure(args []string) int {
 	write := fs.Bool("write", false, "merge into the runtime's files instead of printing")
 	dir := fs.String("dir", "", "containerd: certs.d `DIR` to write hosts.toml files into (default /etc/containerd/certs.d)")
 	file := fs.String("file", "", "docker, crio: the `FILE` to write (defaults above)")
-	dial := fs.Duration("dial-timeout", deploy.DefaultDialTimeout, "containerd: how long to wait to connect to berth before using the upstream")
+	dial := fs.Duration("dial-timeout", deploy.DefaultDialTimeout, "containerd: how long (`DURATION`) to wait to connect to berth before using the upstream")
 
 	fail := func(format string, a ...any) int {
 		fmt.Fprintf(os.Stderr, "berth configure: "+format+"\n", a...)

@@ -61,7 +61,7 @@ func coordinatorFlags(o *coordinatorOptions, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.listen, "listen", envOr("BERTH_COORDINATOR_LISTEN", "127.0.0.1:5002"), "`ADDR` of the coordinator's API [$BERTH_COORDINATOR_LISTEN]")
 	fs.StringVar(&o.s3.Bucket, "s3-bucket", os.Getenv("BERTH_S3_BUCKET"), "the fleet's S3 `BUCKET`, where jobs and pins are kept (required) [$BERTH_S3_BUCKET]")
 	fs.StringVar(&o.s3.Prefix, "s3-prefix", envOr("BERTH_S3_PREFIX", "berth/"), "key `PREFIX` in the bucket, as the nodes' [$BERTH_S3_PREFIX]")
-	fs.StringVar(&o.s3.Region, "s3-region", os.Getenv("BERTH_S3_REGION"), "S3 `REGION` [$BERTH_S3_REGION]")
+	fs.StringVar(&o.s3.Region, "s3-region", os.Getenv("BERTH_S3_REGION"), "S3 `REGION` (default $AWS_REGION or the shared AWS config, else us-east-1) [$BERTH_S3_REGION]")
 	fs.StringVar(&o.s3.Endpoint, "s3-endpoint", os.Getenv("BERTH_S3_ENDPOINT"), "S3 endpoint `URL` (MinIO, Ceph) [$BERTH_S3_ENDPOINT]")
 	ps, _ := strconv.ParseBool(os.Getenv("BERTH_S3_PATH_STYLE"))
 	fs.BoolVar(&o.pathStyle, "s3-path-style", ps, "path-style S3 addressing [$BERTH_S3_PATH_STYLE]")
@@ -80,10 +80,10 @@ func coordinatorFlags(o *coordinatorOptions, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.pushRegistry, "push-registry", "", "registry `NAME` the nodes know the notifying registry by (an upstream of theirs), for warm on push")
 	fs.Var(&o.pushRules, "push-rule", "`REPO[:TAG]` globs (* matches anything) of pushes to warm, repeatable (default: every push)")
 	fs.DurationVar(&o.pushPin, "push-pin", 24*time.Hour, "pin images warmed on push for `DURATION` (0: no pin)")
-	fs.StringVar(&o.logLevel, "log-level", envOr("BERTH_LOG_LEVEL", "info"), "`LEVEL`: debug, info, warn or error")
-	fs.StringVar(&o.logFormat, "log-format", envOr("BERTH_LOG_FORMAT", "text"), "`FORMAT`: text or json")
+	fs.StringVar(&o.logLevel, "log-level", envOr("BERTH_LOG_LEVEL", "info"), "`LEVEL`: debug, info, warn or error [$BERTH_LOG_LEVEL]")
+	fs.StringVar(&o.logFormat, "log-format", envOr("BERTH_LOG_FORMAT", "text"), "`FORMAT`: text or json [$BERTH_LOG_FORMAT]")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: berth coordinator [flags]\n\nRuns pre-warm jobs kept in the fleet's bucket (submitted with 'berth prewarm\n--coordinator' or by a registry's push notifications), resumes the jobs of a\ncoordinator that died, and warms every node that joins with the pins in force.\nSee docs/prewarm.md.\n\nFlags:")
+		fmt.Fprintln(stderr, "Usage: berth coordinator [flags]\n\nRuns pre-warm jobs kept in the fleet's bucket (submitted with 'berth prewarm\n--coordinator' or by a registry's push notifications), resumes the jobs of a\ncoordinator that died, and warms every node that joins with the pins in force.\nServes the fleet page at /ui/ (nodes x pins in force: warm, or the bytes\nmissing) and its JSON at /berth/v1/coordinator/fleet, with the same\ncredential as the API (a browser sends the token as a basic-auth password).\nSee docs/prewarm.md.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	return fs

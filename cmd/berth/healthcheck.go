@@ -14,7 +14,7 @@ import (
 )
 
 func init() {
-	register("healthcheck", "probe the berth listening on --listen: exit 0 healthy, 1 not (for HEALTHCHECK and exec probes)", runHealthcheck)
+	register("healthcheck", "probe the berth listening on --listen: exit 0 healthy, 1 not, 2 bad usage (for HEALTHCHECK and exec probes)", runHealthcheck)
 }
 
 const defaultHealthcheckListen = "127.0.0.1:5000"
@@ -33,9 +33,9 @@ func healthcheckMain(args []string, lookupEnv func(string) (string, bool), stdou
 	listen := fs.String("listen", "", "`ADDR` berth listens on; 0.0.0.0 and an empty host are probed on 127.0.0.1 (default $BERTH_LISTEN, else the --config file's listen, else "+defaultHealthcheckListen+")")
 	configFile := fs.String("config", "", "read the listen address from this berth config `FILE` when neither --listen nor $BERTH_LISTEN is given")
 	timeout := fs.Duration("timeout", 3*time.Second, "give up and report unhealthy after this `DURATION`")
-	path := fs.String("path", "/readyz", "endpoint to probe: /readyz (serving), /healthz (alive) or /status")
+	path := fs.String("path", "/readyz", "endpoint `PATH` to probe: /readyz (ready), /healthz or /livez (alive), or /status (200 when ready); any other path that answers 200 counts as healthy")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: berth healthcheck [--listen ADDR] [--timeout 3s] [--path /readyz]")
+		fmt.Fprintln(stderr, "Usage: berth healthcheck [--listen ADDR | --config FILE] [--timeout 3s] [--path /readyz]")
 		fmt.Fprintln(stderr, "\nProbes the berth on this host. Exit status: 0 healthy, 1 unhealthy or not running, 2 bad usage.")
 		fmt.Fprintln(stderr, "\nFlags:")
 		fs.PrintDefaults()

@@ -20,6 +20,7 @@ import (
 
 	"github.com/berth-dev/berth/auth"
 	"github.com/berth-dev/berth/coordinator"
+	"github.com/berth-dev/berth/inspector/web"
 )
 
 func init() {
@@ -85,7 +86,7 @@ func prewarmFlags(o *prewarmOptions, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.timeout, "timeout", 30*time.Minute, "give up after `DURATION`; unfinished nodes count as failed")
 	fs.DurationVar(&o.pin, "pin", 0, "keep the images from eviction on every node for `DURATION` (default: no pin)")
 	fs.StringVar(&o.output, "output", "auto", "`FORMAT`: auto (bars in a terminal, JSON lines otherwise), text or json")
-	fs.StringVar(&o.resolve, "resolve", "node", "resolve tags to digests through a `node` (its upstream credentials) or direct (this machine's Docker config)")
+	fs.StringVar(&o.resolve, "resolve", "node", "`MODE` of resolving tags to digests: node (through a node, with its upstream credentials) or direct (from this machine, with its Docker config)")
 	fs.StringVar(&o.tokenFile, "token-file", os.Getenv("BERTH_PREWARM_TOKEN_FILE"), "`FILE` whose first token is sent to the nodes or the coordinator (their admin_token_file) [$BERTH_PREWARM_TOKEN_FILE]")
 	fs.StringVar(&o.coordinator, "coordinator", "", "hand the job to the coordinator at `URL` and follow it there")
 	fs.Usage = func() {
@@ -441,7 +442,7 @@ func (o *prewarmOutput) summary(nodes []coordinator.NodeResult, policy coordinat
 		if n.Error != nil {
 			result += ": " + n.Error.Kind
 		}
-		fmt.Fprintf(tw, "%s\t%d/%d\t%s\t%s\t%s\n", n.Node, n.ImagesDone, n.Images, humanBytes(n.BytesDone), n.Duration.Round(100*time.Millisecond), result)
+		fmt.Fprintf(tw, "%s\t%d/%d\t%s\t%s\t%s\n", n.Node, n.ImagesDone, n.Images, web.Bytes(n.BytesDone), n.Duration.Round(100*time.Millisecond), result)
 	}
 	tw.Flush()
 	verdict := "met"
@@ -449,17 +450,4 @@ func (o *prewarmOutput) summary(nodes []coordinator.NodeResult, policy coordinat
 		verdict = "NOT met"
 	}
 	fmt.Fprintf(o.w, "%d of %d nodes warm; --require %s %s\n", ok, len(nodes), policy, verdict)
-}
-
-func humanBytes(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }

@@ -339,7 +339,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 		// the registry listener only.
 		ins, err = inspector.New(inspector.Options{
 			Engine: d.eng, Local: d.local, Bucket: bucket, Config: cfg, Metrics: reg,
-			Log: entry, Health: d.checker,
+			Log: entry, Health: d.checker, PrewarmQueue: nodeAPI.Queue,
 		})
 		if err != nil {
 			d.ln.Close()

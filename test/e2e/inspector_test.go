@@ -22,6 +22,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/chromedp/cdproto/cdp"
+	"github.com/chromedp/cdproto/network"
 	"github.com/chromedp/chromedp"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
@@ -262,6 +264,13 @@ func newBrowser(t *testing.T, path string) *browser {
 // screenshot and the console errors, warnings and exceptions seen.
 func (b *browser) load(t *testing.T, url string) (text string, scripts int, xss bool, shot []byte, problems []string) {
 	t.Helper()
+	return b.loadWith(t, url, nil)
+}
+
+// loadWith is load with headers sent on every request of the tab (a
+// bearer token for the coordinator's page).
+func (b *browser) loadWith(t *testing.T, url string, headers network.Headers) (text string, scripts int, xss bool, shot []byte, problems []string) {
+	t.Helper()
 	tab, cancel := chromedp.NewContext(b.ctx)
 	defer cancel()
 	ctx, cancelT := context.WithTimeout(tab, 60*time.Second)
@@ -269,6 +278,14 @@ func (b *browser) load(t *testing.T, url string) (text string, scripts int, xss 
 	// The first action attaches the tab; Console subscribes after it.
 	if err := chromedp.Do(ctx, chromedp.Navigate("about:blank")); err != nil {
 		t.Fatalf("opening a tab: %v", err)
+	}
+	if headers != nil {
+		if err := chromedp.Do(ctx, chromedp.Func(func(ctx context.Context, tg *chromedp.Target) error {
+			_, err := cdp.Call(ctx, tg, network.SetExtraHTTPHeaders, network.SetExtraHTTPHeadersParams{Headers: headers})
+			return err
+		})); err != nil {
+			t.Fatalf("setting the tab's headers: %v", err)
+		}
 	}
 	var mu sync.Mutex
 	done := make(chan struct{})
