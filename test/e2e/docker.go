@@ -27,6 +27,10 @@ type DockerdOptions struct {
 	// written by someone else (berth configure docker, say). Mirrors and
 	// Insecure must then be empty.
 	ConfigFile string
+	// Netns, when set, is a network namespace (NetnsHost.NS) to run the
+	// daemon in: its pulls of 127.0.0.1:5000 reach that host's berth. The
+	// socket is a file, so the CLI here reaches the daemon all the same.
+	Netns string
 }
 
 // Dockerd is a private docker daemon: vfs storage (works inside any
@@ -57,15 +61,26 @@ func StartDockerd(t testing.TB, opts DockerdOptions) *Dockerd {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "docker.sock")
-	cmd := exec.Command(bin,
+	args := []string{
 		"--config-file", cfgPath,
 		"--storage-driver=vfs", "--iptables=false", "--bridge=none",
 		"--data-root", filepath.Join(dir, "data"),
 		"--exec-root", filepath.Join(dir, "exec"),
 		"--pidfile", filepath.Join(dir, "docker.pid"),
-		"-H", "unix://"+sock,
-	)
-	p := StartProcess(t, "dockerd", filepath.Join(dir, "dockerd.log"), cmd)
+		"-H", "unix://" + sock,
+	}
+	name := "dockerd"
+	cmd := exec.Command(bin, args...)
+	if opts.Netns != "" {
+		// nsenter, not ip netns exec: that also mounts a sysfs of its own,
+		// hiding the cgroup mounts dockerd refuses to start without.
+		// nsenter execs dockerd itself, so the Process is dockerd and its
+		// stop and kill reach it (and its containerd) directly.
+		nsenter := testsupport.RequireTool(t, "nsenter")
+		name = "dockerd-" + opts.Netns
+		cmd = exec.Command(nsenter, append([]string{"--net=/run/netns/" + opts.Netns, "--", bin}, args...)...)
+	}
+	p := StartProcess(t, name, filepath.Join(dir, "dockerd.log"), cmd)
 	d := &Dockerd{Process: p, Host: "unix://" + sock, dir: dir, cliConfig: cliDir}
 	client := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

@@ -5,9 +5,12 @@ package e2e
 // bucket in front of one throttled upstream registry, both reached over the
 // bridge. Hosts die, lose the bucket, lose the upstream, run out of disk and
 // get flooded with idle connections while clients pull. Every client checks
-// every digest: half the clients are crane inside the host's namespace
-// (pulling localhost:5000, its layout checked again with VerifyOCILayout),
-// half go-containerregistry in this process over the bridge (pullImage).
+// every digest: on every host one client is crane inside the host's
+// namespace (pulling localhost:5000, its layout checked again with
+// VerifyOCILayout) and one go-containerregistry in this process over the
+// bridge (pullImage); on a few hosts a third is a real docker pull by a
+// dockerd running inside the host's namespace (startDockerds), which
+// checks every digest itself and whose image id is checked here.
 //
 // Run: PATH=/tmp/baseline/bin:$PATH AWS_EC2_METADATA_DISABLED=true \
 //   go test -race -count=1 -run 'Netns' ./test/e2e/
@@ -66,6 +69,23 @@ type netnsFleet struct {
 	bucket *FleetBucket
 	s3     []*Proxy // per host, loopback → MinIO; Hang cuts that host off the bucket
 	hosts  []*Berth
+	docker map[int]*Dockerd // hosts that also pull with docker
+}
+
+// startDockerds starts a dockerd inside the namespace of each of hosts;
+// pull then adds a docker pull of 127.0.0.1:5000 (that host's berth,
+// plain HTTP as docker allows on loopback) to the host's clients. Each
+// daemon has its own dirs and socket and is stopped, its dirs removed, at
+// cleanup, also after a failed test.
+func (nf *netnsFleet) startDockerds(t *testing.T, hosts ...int) {
+	t.Helper()
+	testsupport.RequireTool(t, "dockerd")
+	if nf.docker == nil {
+		nf.docker = map[int]*Dockerd{}
+	}
+	for _, i := range hosts {
+		nf.docker[i] = StartDockerd(t, DockerdOptions{Netns: nf.nn.Hosts[i].NS})
+	}
 }
 
 // startNetnsFleet makes the namespaces and starts everything; extra (may be
@@ -163,15 +183,16 @@ func (nf *netnsFleet) layerLeaseHolder(img *PushedImage, deadline time.Time) (ho
 // pullResult is one client's pull.
 type pullResult struct {
 	Host   int
-	Client string // "crane" (in the namespace) or "ggcr" (over the bridge)
+	Client string // "crane" or "docker" (in the namespace) or "ggcr" (over the bridge)
 	Took   time.Duration
 	Err    error
 	Layout string // crane's OCI layout, to verify
 }
 
-// pull runs, for each host in hosts, one crane pull inside its namespace
-// and one go-containerregistry pull over the bridge, all released at once;
-// started (if not nil) is called as they are released.
+// pull runs, for each host in hosts, one crane pull inside its namespace,
+// one go-containerregistry pull over the bridge and, on a host with a
+// dockerd, one docker pull, all released at once; started (if not nil) is
+// called as they are released.
 func (nf *netnsFleet) pull(t *testing.T, hosts []int, repo string, img *PushedImage, started func()) []pullResult {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), netnsPullTimeout)
@@ -183,21 +204,31 @@ func (nf *netnsFleet) pull(t *testing.T, hosts []int, repo string, img *PushedIm
 	for _, i := range hosts {
 		h := nf.nn.Hosts[i]
 		layout := filepath.Join(t.TempDir(), "layout")
-		for _, client := range []string{"crane", "ggcr"} {
+		clients := []string{"crane", "ggcr"}
+		if nf.docker[i] != nil {
+			clients = append(clients, "docker")
+		}
+		for _, client := range clients {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
 				<-gate
 				start := time.Now()
 				r := pullResult{Host: i, Client: client}
-				if client == "crane" {
+				switch client {
+				case "docker":
+					r.Err = dockerPull(nf.docker[i], "127.0.0.1:5000/"+repo+":"+img.Tag, img)
+					if r.Err != nil {
+						r.Err = fmt.Errorf("docker on host %d: %w", i, r.Err)
+					}
+				case "crane":
 					r.Layout = layout
 					out, err := h.Exec(netnsPullTimeout, "crane", "pull", "--insecure", "--format=oci",
 						"localhost:5000/"+repo+":"+img.Tag, layout)
 					if err != nil {
 						r.Err = fmt.Errorf("crane on host %d: %v: %s", i, err, strings.TrimSpace(out))
 					}
-				} else {
+				default:
 					r.Err = pullImage(ctx, nf.hosts[i].Host, repo, img.Tag, img)
 				}
 				r.Took = time.Since(start)
@@ -213,6 +244,22 @@ func (nf *netnsFleet) pull(t *testing.T, hosts []int, repo string, img *PushedIm
 	}
 	wg.Wait()
 	return results
+}
+
+// dockerPull pulls ref with d and checks the image id docker reports is
+// img's config digest (docker has checked every layer's digest itself).
+func dockerPull(d *Dockerd, ref string, img *PushedImage) error {
+	if out, err := d.DockerErr(netnsPullTimeout, "pull", ref); err != nil {
+		return fmt.Errorf("docker pull %s: %v: %s", ref, err, strings.TrimSpace(out))
+	}
+	out, err := d.DockerErr(time.Minute, "image", "inspect", "--format", "{{.Id}}", ref)
+	if err != nil {
+		return fmt.Errorf("docker image inspect %s: %v: %s", ref, err, strings.TrimSpace(out))
+	}
+	if id := strings.TrimSpace(out); id != img.Config.Digest {
+		return fmt.Errorf("docker pull %s: image id %s, want %s", ref, id, img.Config.Digest)
+	}
+	return nil
 }
 
 // verify fails the test for every failed pull not on a host in allowed,
@@ -234,6 +281,18 @@ func verifyPulls(t *testing.T, what string, results []pullResult, img *PushedIma
 			VerifyOCILayout(t, r.Layout, img)
 		}
 		if !allowed[r.Host] {
+			took = append(took, r.Took)
+		}
+	}
+	return took
+}
+
+// succeeded is the times of the successful pulls by client on hosts not in
+// except.
+func succeeded(results []pullResult, client string, except map[int]bool) []time.Duration {
+	var took []time.Duration
+	for _, r := range results {
+		if r.Client == client && r.Err == nil && !except[r.Host] {
 			took = append(took, r.Took)
 		}
 	}
@@ -318,20 +377,25 @@ func TestNetnsHarness(t *testing.T) {
 }
 
 // TestNetnsKillQuarterOfHosts: a fleet-wide cold pull (two clients per
-// host) during which two of the eight hosts get SIGKILL at random moments,
-// one of them the host fetching the most layers for the fleet.
+// host, three on the two hosts that pull with docker too) during which two
+// of the eight hosts get SIGKILL at random moments, one of them the host
+// fetching the most layers for the fleet.
 // No pull fails except on the killed hosts, the upstream sends at most 1.3
 // images, and the pull times are logged beside the same pull with no host
 // killed.
 func TestNetnsKillQuarterOfHosts(t *testing.T) {
 	nf := startNetnsFleet(t, netnsHosts, nil)
+	// The other victims are drawn from the hosts without docker, so
+	// at least one docker host survives even when the lease holder is one.
+	dockerHosts := []int{netnsHosts - 2, netnsHosts - 1}
+	nf.startDockerds(t, dockerHosts...)
 	base := nf.push(t, "library/nk-base")
 	img := nf.push(t, "library/nk-kill")
 
 	nf.up.Reset()
 	start := time.Now()
-	res := nf.pull(t, all(netnsHosts), base.Repo, base, nil)
-	baseTook := verifyPulls(t, "no kill", res, base, nil)
+	res0 := nf.pull(t, all(netnsHosts), base.Repo, base, nil)
+	baseTook := verifyPulls(t, "no kill", res0, base, nil)
 	baseWall := time.Since(start)
 	baseRatio := float64(nf.up.UpstreamBytes()) / float64(base.Bytes())
 	if t.Failed() {
@@ -365,13 +429,18 @@ func TestNetnsKillQuarterOfHosts(t *testing.T) {
 		killedMu.Unlock()
 		time.Sleep(time.Until(start.Add(at)))
 		_ = nf.hosts[v].Cmd.Process.Signal(syscall.SIGKILL)
+		if d := nf.docker[v]; d != nil {
+			// The whole host dies, its docker too: a docker pull would
+			// retry the dead berth for a minute and more otherwise.
+			_ = syscall.Kill(-d.Cmd.Process.Pid, syscall.SIGKILL)
+		}
 		t.Logf("killed host %d (%s) %v into the pull", v, why, time.Since(start).Round(time.Millisecond))
 	}
 
 	nf.up.Reset()
 	start = time.Now()
 	var kills sync.WaitGroup
-	res = nf.pull(t, all(netnsHosts), img.Repo, img, func() {
+	res := nf.pull(t, all(netnsHosts), img.Repo, img, func() {
 		kills.Add(1)
 		go func() {
 			defer kills.Done()
@@ -387,7 +456,7 @@ func TestNetnsKillQuarterOfHosts(t *testing.T) {
 			delays[0] = max(delays[0], time.Since(start))
 			victims := []int{holder}
 			for _, v := range order {
-				if len(victims) < len(delays) && v != holder {
+				if len(victims) < len(delays) && v != holder && nf.docker[v] == nil {
 					victims = append(victims, v)
 				}
 			}
@@ -414,6 +483,10 @@ func TestNetnsKillQuarterOfHosts(t *testing.T) {
 	t.Logf("seed %d: %s; killed hosts %v", seed, holderNote, victims)
 	killTook := verifyPulls(t, "hosts killed", res, img, killed)
 	ratio := float64(nf.up.UpstreamBytes()) / float64(img.Bytes())
+	dockerOK := succeeded(res, "docker", killed)
+	if len(dockerOK) == 0 {
+		t.Errorf("no docker pull on a surviving host completed (docker hosts %v, killed %v)", dockerHosts, victims)
+	}
 
 	var resumes float64
 	for i, h := range nf.hosts {
@@ -425,6 +498,7 @@ func TestNetnsKillQuarterOfHosts(t *testing.T) {
 		len(baseTook), percentile(baseTook, 50).Round(time.Millisecond), percentile(baseTook, 99).Round(time.Millisecond), baseWall.Round(time.Millisecond), baseRatio)
 	t.Logf("fleet-faults kill: %d of %d hosts killed: %d surviving pulls, p50 %v p99 %v, wall %v, upstream bytes/image %.3f, resumes on survivors %.0f (load %s)",
 		len(killed), netnsHosts, len(killTook), percentile(killTook, 50).Round(time.Millisecond), percentile(killTook, 99).Round(time.Millisecond), killWall.Round(time.Millisecond), ratio, resumes, loadavg())
+	t.Logf("fleet-faults kill: docker pulls on surviving hosts: %v; with no kill: %v", roundAll(dockerOK), roundAll(succeeded(res0, "docker", nil)))
 	if ratio > 1.3 {
 		t.Errorf("upstream sent %.3f images' worth of bytes (%d for an image of %d), want at most 1.3", ratio, nf.up.UpstreamBytes(), img.Bytes())
 	}
@@ -512,10 +586,12 @@ func roundAll(ds []time.Duration) []time.Duration {
 }
 
 // TestNetnsUpstreamFlapping: the upstream goes away (connections reset,
-// new ones refused) for 1.5s out of every 4s during a fleet-wide cold pull.
+// new ones refused) for 1.5s out of every 3s during a fleet-wide cold pull
+// (two clients per host, three on the two hosts that pull with docker too).
 // Every pull completes.
 func TestNetnsUpstreamFlapping(t *testing.T) {
 	nf := startNetnsFleet(t, netnsHosts, nil)
+	nf.startDockerds(t, 0, netnsHosts-1)
 	img := nf.push(t, "library/nflap")
 	nf.up.Reset()
 	stop := make(chan struct{})
@@ -546,6 +622,9 @@ func TestNetnsUpstreamFlapping(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	took := verifyPulls(t, "upstream flapping", res, img, nil)
+	if n := len(succeeded(res, "docker", nil)); n != 2 {
+		t.Errorf("%d docker pulls completed, want 2", n)
+	}
 	var resumes float64
 	for _, h := range nf.hosts {
 		resumes += metric(t, h, "berth_resumes_total")
