@@ -53,11 +53,15 @@ type Config struct {
 	StaleTimeout    Duration            `yaml:"stale_timeout"`
 	// SourceIdleTimeout is how long a blob download's source may send
 	// nothing before berth resumes it from the byte reached.
-	SourceIdleTimeout Duration  `yaml:"source_idle_timeout"`
-	ShutdownTimeout   Duration  `yaml:"shutdown_timeout"`
-	S3                S3        `yaml:"s3"`
-	Inspector         Inspector `yaml:"inspector"`
-	Webhooks          []Webhook `yaml:"webhooks"`
+	SourceIdleTimeout Duration `yaml:"source_idle_timeout"`
+	// PeerIdleTimeout is how long another berth streaming a blob to this
+	// one may send nothing before it is judged dead and its fetch taken
+	// over.
+	PeerIdleTimeout Duration  `yaml:"peer_idle_timeout"`
+	ShutdownTimeout Duration  `yaml:"shutdown_timeout"`
+	S3              S3        `yaml:"s3"`
+	Inspector       Inspector `yaml:"inspector"`
+	Webhooks        []Webhook `yaml:"webhooks"`
 
 	// lines maps key paths ("cache.size", "upstreams.docker.io.url") to
 	// their line in the file, so validation errors can point at it.
@@ -394,6 +398,9 @@ func (c *Config) Validate() error {
 	}
 	if c.SourceIdleTimeout <= 0 {
 		add("source_idle_timeout", "must be positive")
+	}
+	if c.PeerIdleTimeout <= 0 {
+		add("peer_idle_timeout", "must be positive")
 	}
 	if c.StaleTimeout <= 0 {
 		add("stale_timeout", "must be positive")

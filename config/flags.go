@@ -60,6 +60,8 @@ var settings = []setting{
 		set: durationSetting(func(c *Config) *Duration { return &c.StaleTimeout })},
 	{flag: "source-idle-timeout", key: "source_idle_timeout", env: "BERTH_SOURCE_IDLE_TIMEOUT", usage: "`DURATION` a blob download's source may send nothing before berth resumes it from the byte reached (default 15s)",
 		set: durationSetting(func(c *Config) *Duration { return &c.SourceIdleTimeout })},
+	{flag: "peer-idle-timeout", key: "peer_idle_timeout", env: "BERTH_PEER_IDLE_TIMEOUT", usage: "`DURATION` another berth streaming a blob to this one may send nothing before it is judged dead and its fetch taken over (default 5s)",
+		set: durationSetting(func(c *Config) *Duration { return &c.PeerIdleTimeout })},
 	{flag: "cache-size", key: "cache.size", env: "BERTH_CACHE_SIZE", usage: "local disk budget, `BYTES` or a size like 20GiB (default 20GiB)",
 		set: func(c *Config, v string) error {
 			n, err := ParseSize(v)

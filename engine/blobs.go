@@ -173,7 +173,7 @@ func (e *Engine) uncached(ctx context.Context, key storage.Key, up *upstream, re
 	dl.beginRelay(src.size, src.label)
 	h := &hold{e: e, label: src.label} // no lease: nothing of this is shared
 	e.goBackground(func() {
-		_, err := dl.fill(src, nil, e.opts.SourceIdleTimeout, e.countBytes(up, h), nil, e.resumer(key, up, repo, src, h))
+		_, err := dl.fill(src, nil, e.idleTimeout, e.countBytes(up, h), nil, e.resumer(key, up, repo, src, h))
 		e.downloadFailed(key, h.source(), err)
 		dl.finish(err, nil)
 	})
@@ -266,7 +266,7 @@ func (e *Engine) fetch(dl *download, up *upstream, repo string) {
 		return
 	}
 	start := time.Now()
-	_, err = dl.fill(src, w, e.opts.SourceIdleTimeout, e.countBytes(up, h), relay, e.resumer(dl.key, up, repo, src, h))
+	_, err = dl.fill(src, w, e.idleTimeout, e.countBytes(up, h), relay, e.resumer(dl.key, up, repo, src, h))
 	label := h.source() // the source the download ended with
 	if err != nil && !errors.Is(err, errRelayAbandoned) {
 		log.WithError(err).WithField("source", label).Warn("blob download failed; nothing kept")

@@ -98,12 +98,13 @@ func (d *download) fail(err error) {
 type resumeFunc func(offset int64, reason string) (source, error)
 
 // fill copies the source into w (nil for a relay) until it ends, publishing
-// progress. When the source stalls, breaks or ends early, resume reopens
+// progress. When the source stalls (sends nothing for idle(source)), breaks
+// or ends early, resume reopens
 // it from the byte reached, and the readers see a pause, not an error.
 // When the disk fills it switches to relaying what is left and calls
 // onRelay. It returns the hash of a relay (which has no BlobWriter to
 // verify it) and the error that ended the copy.
-func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, onBytes func(int), onRelay func(), resume resumeFunc) (_ hash.Hash, err error) {
+func (d *download) fill(src source, w *storage.BlobWriter, idle func(source) time.Duration, onBytes func(int), onRelay func(), resume resumeFunc) (_ hash.Hash, err error) {
 	defer func() {
 		if err != nil && w != nil {
 			w.Abort() // nothing partial stays in tmp/
@@ -129,7 +130,7 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 	}
 	// The idle clock runs only while berth waits for the source, not while
 	// a relay waits for its readers.
-	timer := time.AfterFunc(idle, func() { stalled.Store(true); closeCur() })
+	timer := time.AfterFunc(idle(cur), func() { stalled.Store(true); closeCur() })
 	defer timer.Stop()
 	buf := make([]byte, 256<<10)
 	var carry []byte // read into buf when the disk filled; goes to the ring
@@ -143,7 +144,7 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 			if err := d.makeRoom(want); err != nil {
 				return nil, err
 			}
-			timer.Reset(idle)
+			timer.Reset(idle(cur))
 			at := d.written % ring
 			p = d.ring[at : at+want]
 		} else {
@@ -159,7 +160,7 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 			}
 		} else {
 			n, rerr = cur.body.Read(p)
-			timer.Reset(idle)
+			timer.Reset(idle(cur))
 		}
 		if n > 0 && w != nil {
 			m, werr := w.Write(p[:n])
@@ -223,7 +224,7 @@ func (d *download) fill(src source, w *storage.BlobWriter, idle time.Duration, o
 			cur.body.Close()
 			cur = s
 			curMu.Unlock()
-			timer.Reset(idle)
+			timer.Reset(idle(cur))
 		})
 		if err != nil {
 			return nil, fmt.Errorf("%w (the source failed: %v)", err, rerr)

@@ -33,6 +33,12 @@ type Options struct {
 	// SourceIdleTimeout is how long a download's source may send nothing
 	// before berth resumes the download from another request; default 15s.
 	SourceIdleTimeout time.Duration
+	// PeerIdleTimeout is how long another berth streaming a blob to this
+	// one may send nothing (response headers included) before it is judged
+	// dead: its lease is taken over and the download carries on from the
+	// upstream or the bucket; default 5s. Shorter than SourceIdleTimeout
+	// because a wrong guess costs only one more upstream fetch.
+	PeerIdleTimeout time.Duration
 	// RelayStall is how long a download the disk has no room for waits
 	// on a client that reads nothing before it drops that client; default 30s.
 	RelayStall time.Duration
@@ -98,6 +104,9 @@ func New(o Options) (*Engine, error) {
 	}
 	if o.SourceIdleTimeout <= 0 {
 		o.SourceIdleTimeout = 15 * time.Second
+	}
+	if o.PeerIdleTimeout <= 0 {
+		o.PeerIdleTimeout = 5 * time.Second
 	}
 	if o.RelayStall <= 0 {
 		o.RelayStall = 30 * time.Second

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -63,12 +64,7 @@ func TestFailoverWhenThePeerDiesMidStream(t *testing.T) {
 			pause(w, r)
 			return
 		}
-		rec := httptest.NewRecorder()
-		whole := r.Clone(r.Context())
-		whole.Header.Del("Range")
-		u.reg.ServeHTTP(rec, whole)
-		w.Header().Set("Docker-Content-Digest", d.String())
-		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(rec.Body.Bytes()))
+		u.ranged(d)(w, r)
 	})
 	var holder *testEngine
 	peer := peerOf(t, &holder)
@@ -117,6 +113,74 @@ func TestFailoverWhenThePeerDiesMidStream(t *testing.T) {
 	close(gate)
 }
 
+// ranged answers a GET of blob d with the whole blob, honouring Range.
+func (u *upstreamFake) ranged(d digest.Digest) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		rec := httptest.NewRecorder()
+		whole := r.Clone(r.Context())
+		whole.Header.Del("Range")
+		u.reg.ServeHTTP(rec, whole)
+		w.Header().Set("Docker-Content-Digest", d.String())
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(rec.Body.Bytes()))
+	}
+}
+
+// A holder that goes silent, mid-blob or before its response headers,
+// holding the connection open (a frozen or hung berth), is judged dead
+// after PeerIdleTimeout, not after SourceIdleTimeout (an hour here) nor at
+// its lease's expiry (an hour too): the waiting host takes the lease over
+// and its reader gets the whole blob, verified, the rest from the upstream.
+func TestFailoverWhenThePeerGoesSilent(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		sent int // bytes the peer sends before it goes silent; -1: not even headers
+	}{{"mid-blob", 1 << 20}, {"before its headers", -1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			u := newUpstreamFake(t)
+			content := randomBytes(93, 4<<20)
+			d := u.pushBlob("org/app", content)
+			path := blobPath("org/app", d)
+			u.set("GET", path, u.ranged(d))
+			stop := make(chan struct{})
+			peer := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if tc.sent >= 0 {
+					w.Header().Set("Content-Length", strconv.Itoa(len(content)))
+					w.Write(content[:tc.sent])
+					w.(http.Flusher).Flush()
+				}
+				select {
+				case <-stop:
+				case <-r.Context().Done():
+				}
+			}))
+			t.Cleanup(func() { close(stop); peer.Close() })
+			bucket := storage.NewMemory(storage.MemoryOptions{Holder: peer.URL})
+			key := storage.Key{Upstream: "upstream.test", Digest: d}
+			if _, err := bucket.AcquireLease(context.Background(), storage.BlobLeaseName(key), time.Hour); err != nil {
+				t.Fatal(err)
+			}
+			e := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) {
+				o.Bucket = bucket.Host("live")
+				o.SourceIdleTimeout, o.PeerIdleTimeout = time.Hour, 300*time.Millisecond
+			})
+			got, err := e.read(t, d)
+			if err != nil || !bytes.Equal(got, content) {
+				t.Fatalf("read %d bytes of %d: %v", len(got), len(content), err)
+			}
+			if n := e.counter(e.fleet.leases.WithLabelValues("blob", "taken_over")); n != 1 {
+				t.Fatalf("taken_over %v, want 1", n)
+			}
+			if n := u.count("GET", path); n != 1 {
+				t.Fatalf("upstream GETs %d, want 1", n)
+			}
+			stalls := e.counter(e.metrics.resumes.WithLabelValues("peer", "stall"))
+			if want := map[bool]float64{true: 1, false: 0}[tc.sent > 0]; stalls != want {
+				t.Fatalf("resumes after a peer stall %v, want %v", stalls, want)
+			}
+		})
+	}
+}
+
 // peerOf serves e's PeerBlob over HTTP, as a berth's fleet port does; e is
 // read when a request comes, so it may be set after the server starts.
 func peerOf(t *testing.T, e **testEngine) *httptest.Server {
@@ -161,12 +225,7 @@ func TestFailoverOneSurvivorFetchesForTheOthers(t *testing.T) {
 			pause(w, r)
 			return
 		}
-		rec := httptest.NewRecorder()
-		whole := r.Clone(r.Context())
-		whole.Header.Del("Range")
-		u.reg.ServeHTTP(rec, whole)
-		w.Header().Set("Docker-Content-Digest", d.String())
-		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(rec.Body.Bytes()))
+		u.ranged(d)(w, r)
 	})
 	var a, b, c *testEngine
 	pa, pb, pc := peerOf(t, &a), peerOf(t, &b), peerOf(t, &c)

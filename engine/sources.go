@@ -96,8 +96,8 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 				return src, nil
 			}
 			if unreachable(err) {
-				// The holder's berth is gone: waiting for its lease to
-				// expire would only delay the fleet.
+				// The holder's berth is gone or hung: waiting for its
+				// lease to expire would only delay the fleet.
 				if lease, err := b.TakeOver(ctx, held, f.leaseTTL); err == nil {
 					f.leases.WithLabelValues("blob", "taken_over").Inc()
 					e.log.WithFields(logrus.Fields{"blob": key.String(), "holder": held.Holder}).Warn("lease holder unreachable; took over its fetch")
@@ -193,7 +193,8 @@ const PeerHeader = "Berth-Peer"
 
 // NewPeerTransport is the transport settings for requests to peers: a
 // peer that does not connect within 2s or answer within 10s is given up
-// on, so a host never waits long on a dead peer. It is the default of
+// on, so a host never waits long on a dead peer (the engine gives up on a
+// silent one sooner, after Options.PeerIdleTimeout). It is the default of
 // Options.PeerTransport, and the base to build a credentialed one on
 // (auth.PeerOptions.Base).
 func NewPeerTransport() *http.Transport {
@@ -210,28 +211,55 @@ var defaultPeerTransport = NewPeerTransport()
 
 func isURL(s string) bool { return strings.HasPrefix(s, "http://") || strings.HasPrefix(s, "https://") }
 
+// errPeerSilent is a peer that took a connection and then sent no answer
+// for Options.PeerIdleTimeout: hung, frozen or overloaded, it counts as
+// dead.
+var errPeerSilent = errors.New("peer sent no answer")
+
 // unreachable reports an error that says a peer's berth is not there: its
-// address refuses connections or does not answer them.
+// address refuses connections or does not answer them, or it took the
+// connection and sent nothing.
 func unreachable(err error) bool {
 	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial"
+	return (errors.As(err, &op) && op.Op == "dial") || errors.Is(err, errPeerSilent)
 }
 
-// openPeerAt GETs a blob from another berth from offset.
+// idleTimeout is how long src may send nothing before a download gives up
+// on it: a peer is judged sooner than the upstream or the bucket.
+func (e *Engine) idleTimeout(src source) time.Duration {
+	if src.label == "peer" {
+		return e.opts.PeerIdleTimeout
+	}
+	return e.opts.SourceIdleTimeout
+}
+
+// openPeerAt GETs a blob from another berth from offset. A peer that sends
+// no response headers within PeerIdleTimeout fails with errPeerSilent; once
+// they came, the download's idle timer watches the body.
 func (e *Engine) openPeerAt(ctx context.Context, holder string, key storage.Key, repo string, offset int64) (source, error) {
 	u := holder + "/v2/" + repo + "/blobs/" + key.Digest.String() + "?ns=" + url.QueryEscape(key.Upstream)
+	ctx, cancel := context.WithCancelCause(ctx)
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
 	if err != nil {
+		cancel(nil)
 		return source{}, err
 	}
 	req.Header.Set(PeerHeader, "1")
 	if offset > 0 {
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", offset))
 	}
+	silent := time.AfterFunc(e.opts.PeerIdleTimeout, func() { cancel(errPeerSilent) })
 	resp, err := e.peers.Do(req)
+	silent.Stop()
 	if err != nil {
+		if errors.Is(context.Cause(ctx), errPeerSilent) {
+			err = fmt.Errorf("peer %s: %w within %v", holder, errPeerSilent, e.opts.PeerIdleTimeout)
+		}
+		cancel(nil)
 		return source{}, err
 	}
+	// The request's context lives as long as its body.
+	resp.Body = &cancelOnClose{ReadCloser: resp.Body, cancel: func() { cancel(nil) }}
 	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusPartialContent {
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden {
@@ -242,6 +270,17 @@ func (e *Engine) openPeerAt(ctx context.Context, holder string, key storage.Key,
 	src, err := ranged(resp, offset)
 	src.label, src.holder = "peer", holder
 	return src, err
+}
+
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel func()
+}
+
+func (c *cancelOnClose) Close() error {
+	err := c.ReadCloser.Close()
+	c.cancel()
+	return err
 }
 
 // peerRefused logs, once per peer and status, that a peer refused this

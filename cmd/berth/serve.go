@@ -274,6 +274,7 @@ func newDaemon(cfg *config.Config) (*daemon, error) {
 		Config: cfg, Local: d.local, Bucket: bucket, Log: entry, Metrics: reg,
 		LeaseTTL: cfg.S3.LeaseTTL.D(), Advertise: cfg.S3.Advertise,
 		SourceIdleTimeout: cfg.SourceIdleTimeout.D(),
+		PeerIdleTimeout:   cfg.PeerIdleTimeout.D(),
 	}
 	if d.peers != nil {
 		opts.PeerTransport = d.peers

@@ -496,6 +496,25 @@ func TestFleetConcurrentColdPull(t *testing.T) {
 	}
 }
 
+// fetchingFor has h GET layer, a cold blob, and waits until h holds the
+// layer's fleet lease and has 512 KiB of it from the upstream: h is then
+// the host fetching it for the fleet, partway through. The GET's result
+// comes on done.
+func (f *fleet) fetchingFor(ctx context.Context, t *testing.T, h *Berth, repo string, layer Blob) (done <-chan error, leaseKey string) {
+	t.Helper()
+	got := make(chan error, 1)
+	go func() {
+		_, _, err := getBlob(ctx, h, repo, layer.Digest)
+		got <- err
+	}()
+	leaseKey = f.bucket.BlobLeaseKey("docker.io", layer.Digest)
+	testsupport.Eventually(t, "the host to take the layer's lease and start fetching it", 15*time.Second, func() bool {
+		gets := f.up.blobGETs(layer.Digest)
+		return len(gets) == 1 && gets[0].sent.Load() >= 512<<10 && f.bucket.Exists(t, leaseKey)
+	})
+	return got, leaseKey
+}
+
 // TestFleetLeaseHolderKilled: the host fetching a layer for the fleet is
 // killed halfway. The hosts waiting on its lease take it over once it
 // expires, the pulls through them succeed, and the bucket holds nothing
@@ -511,32 +530,14 @@ func TestFleetLeaseHolderKilled(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 55*time.Second)
 	defer cancel()
-	aDone := make(chan error, 1)
-	go func() {
-		_, _, err := getBlob(ctx, a, "library/killed", layer.Digest)
-		aDone <- err
-	}()
-
-	// A holds the lease and is partway through the layer.
-	leaseKey := f.bucket.BlobLeaseKey("docker.io", layer.Digest)
-	deadline := time.Now().Add(15 * time.Second)
-	for {
-		gets := f.up.blobGETs(layer.Digest)
-		if len(gets) == 1 && gets[0].sent.Load() >= 512<<10 && f.bucket.Exists(t, leaseKey) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("host A did not take the lease and start fetching the layer within 15s (upstream GETs: %d)", len(gets))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	aDone, leaseKey := f.fetchingFor(ctx, t, a, "library/killed", layer)
 
 	// B and C miss too and wait on A's lease, as the rest of a fleet would.
 	pulls := make(chan error, 2)
 	for _, h := range []*Berth{b, c} {
 		go func() { pulls <- pullImage(ctx, h.Host, "library/killed", "1", img) }()
 	}
-	deadline = time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(15 * time.Second)
 	for metric(t, b, "berth_leases_total", "kind", "blob", "event", "waited") < 1 ||
 		metric(t, c, "berth_leases_total", "kind", "blob", "event", "waited") < 1 {
 		if time.Now().After(deadline) {
@@ -1040,4 +1041,82 @@ func TestFleetPeerStreaming(t *testing.T) {
 	if n != len(img.Blobs()) {
 		t.Errorf("the bucket holds %d blobs, want %d (the holder still uploads)", n, len(img.Blobs()))
 	}
+}
+
+// A holder frozen mid-download (SIGSTOP: its port still takes connections,
+// its connections stay open, nothing more comes) is judged dead after
+// --peer-idle-timeout: the host streaming from it takes its lease over and
+// fetches the rest from the upstream with a Range, so its pull ends
+// seconds after the freeze, not after source_idle_timeout or the lease's
+// expiry (15s each by default).
+func TestFleetFrozenPeer(t *testing.T) {
+	const peerIdle = 3 * time.Second
+	f := startFleet(t)
+	img := PushImage(t, Docker, f.reg.Host, "library/frozen", "1", 4<<20, 1)
+	layer := img.Layers[0]
+	hosts := f.hosts(t, 2, "--tag-ttl", "5m", "--s3-advertise", "http://{listen}", "--peer-idle-timeout", peerIdle.String())
+	a, b := hosts[0], hosts[1]
+	f.up.rate.Store(1 << 20) // the 4 MiB layer takes 4s per fetch
+
+	ctx, cancel := context.WithTimeout(context.Background(), 55*time.Second)
+	defer cancel()
+	aDone, _ := f.fetchingFor(ctx, t, a, "library/frozen", layer)
+
+	// B pulls the image and streams the layer from A as A downloads it.
+	pulled := make(chan error, 1)
+	go func() { pulled <- pullImage(ctx, b.Host, "library/frozen", "1", img) }()
+	testsupport.Eventually(t, "host B streaming the layer from A (1 MiB in its temp file)", 15*time.Second, func() bool {
+		ents, _ := os.ReadDir(filepath.Join(b.Data, "tmp"))
+		for _, e := range ents {
+			if fi, err := e.Info(); err == nil && strings.HasPrefix(e.Name(), "blob-") && fi.Size() >= 1<<20 {
+				return true
+			}
+		}
+		return false
+	})
+	if n := len(f.up.blobGETs(layer.Digest)); n != 1 {
+		t.Fatalf("B fetched the layer from the upstream (%d GETs) instead of streaming it from A", n)
+	}
+
+	t.Cleanup(func() { _ = a.Cmd.Process.Signal(syscall.SIGCONT) }) // before A's stop, even on failure
+	if err := a.Cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	frozen := time.Now()
+	err := <-pulled
+	took := time.Since(frozen)
+	if err != nil {
+		t.Fatalf("the pull through B failed after A froze: %v", err)
+	}
+	t.Logf("B's pull completed %v after A froze (--peer-idle-timeout %v)", took.Round(time.Millisecond), peerIdle)
+	// Detection takes peerIdle, the rest of the layer at most 4s at 1 MiB/s:
+	// 12s leaves room for a loaded machine and still fails if B waited for
+	// source_idle_timeout or A's lease to expire (15s each).
+	if took > 12*time.Second {
+		t.Errorf("B's pull took %v after A froze, want under 12s: A was not judged dead after %v", took, peerIdle)
+	}
+	if n := metric(t, b, "berth_leases_total", "kind", "blob", "event", "taken_over"); n != 1 {
+		t.Errorf("B took over %.0f leases, want 1 (the frozen A's)", n)
+	}
+	if n := metric(t, b, "berth_resumes_total", "source", "peer", "reason", "stall"); n < 1 {
+		t.Errorf("B counted no resume after a peer stall")
+	}
+	gets := f.up.blobGETs(layer.Digest)
+	if len(gets) != 2 {
+		t.Errorf("the layer was fetched from the upstream %d times, want 2 (A's, frozen, and B's for the rest)", len(gets))
+	} else if gets[1].Start.Before(frozen) {
+		t.Errorf("B fetched the layer from the upstream before A froze")
+	}
+	hostBlobs(t, b, img.Blobs())
+
+	// A thaws and finishes its own download: its lease is B's now, which
+	// costs it nothing but a failed renewal.
+	if err := a.Cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-aDone; err != nil {
+		t.Logf("A's client after the thaw: %v", err)
+	}
+	f.bucket.WaitBlobs(t, "docker.io", img.Layers, 20*time.Second)
+	f.bucket.VerifyBlobs(t)
 }
