@@ -115,7 +115,7 @@ type fleetRun struct {
 // same pulls run again once everything is cached, for the floor this
 // machine's CPU sets, and then a fresh host pulls the image from the bucket
 // the round filled.
-func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, hot bool) (fleetRun, error) {
+func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, hot bool, berthFlags ...string) (fleetRun, error) {
 	f := b.s3.base
 	b.seq++
 	f.prefix = fmt.Sprintf("round-%02d-%s/", b.seq, kind)
@@ -127,7 +127,7 @@ func (b *bench) fleetRound(ctx context.Context, kind string, hosts, pulls int, h
 	}()
 	start := func() (*server, error) {
 		if kind == "berth" {
-			return b.startBerthOn(ctx, 5*time.Minute, &f)
+			return b.startBerthVia(ctx, b.link.Addr, 5*time.Minute, &f, berthFlags...)
 		}
 		return b.startDistributionOn(ctx, &f)
 	}
@@ -278,6 +278,15 @@ func (b *bench) scenarioFleet(ctx context.Context) error {
 	writes := b.table.add("fleet, cold round: S3 write requests", "%.0f").informational()
 	warmWall := b.table.add("fleet, warm bucket: one pull on a new host (s)", "%.2f").informational()
 	warmReqs := b.table.add("fleet, warm bucket: S3 requests per blob read from S3", "%.2f").withGoal(3)
+	renewShape := fmt.Sprintf("%d hosts × 1 slow cold pull", fleetHosts)
+	renewWall := b.table.add("fleet, lease renewals, "+renewShape+": wall time (s)", "%.2f").informational()
+	renewals := b.table.add("fleet, lease renewals: S3 renewal requests in the round", "%.0f").informational()
+	others := b.table.add("fleet, lease renewals: other S3 requests in the round", "%.0f").informational()
+	// A holder renews every third of the TTL: 180 ÷ TTL a minute at most.
+	perMinute := b.table.add("fleet, lease renewals: S3 requests per held blob lease per minute", "%.1f").withGoal(180 / o.leaseTTL.Seconds())
+	for _, r := range []*row{renewWall, renewals, others, perMinute} {
+		r.dist.note = "not run"
+	}
 	for rep := range o.reps {
 		for _, m := range b.mirrors(0) {
 			kind := m.name
@@ -327,6 +336,45 @@ func (b *bench) scenarioFleet(ctx context.Context) error {
 				m.cell(warmReqs).note = "no blob read from S3"
 			}
 		}
+		res, err := b.renewalRound(ctx)
+		if err != nil {
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			b.fail(&perMinute.berth, fmt.Sprintf("berth, lease renewals, repetition %d", rep+1), err)
+			continue
+		}
+		c := res.s3
+		b.logf("berth lease renewals, repetition %d: --s3-lease-ttl %v, %.2f s; %d blob leases held %.1f s in all; %d renewal requests, %d other S3 requests [%s]",
+			rep+1, o.leaseTTL, res.wall.Seconds(), c.leaseHeld, c.leaseSecs, c.renewals, c.total()-c.renewals, c)
+		if o.verbose {
+			b.logf("berth lease renewals S3 requests by operation, object and status: %s", c.details())
+		}
+		renewWall.berth.add(res.wall.Seconds())
+		renewals.berth.add(float64(c.renewals))
+		others.berth.add(float64(c.total() - c.renewals))
+		if c.leaseSecs > 0 {
+			perMinute.berth.add(float64(c.renewals) / (c.leaseSecs / 60))
+		} else {
+			perMinute.berth.note = "no lease held"
+		}
 	}
 	return nil
+}
+
+// renewalIntervals is how many renewal intervals (a third of the lease TTL
+// each) the image takes to come down in the lease-renewal round: its
+// layers come down side by side, so each layer's lease is held across
+// several renewals, the link's burst at the start notwithstanding.
+const renewalIntervals = 4
+
+// renewalRound is a cold round of one pull per host through a link slowed
+// so that the image takes renewalIntervals to come down.
+func (b *bench) renewalRound(ctx context.Context) (fleetRun, error) {
+	ttl := b.opt.leaseTTL
+	rate := int64(float64(b.image.bytes) / (renewalIntervals * ttl.Seconds() / 3))
+	b.link.SetRate(rate)
+	defer b.link.SetRate(b.opt.fleetRate)
+	b.logf("fleet lease renewals: upstream link at %s, --s3-lease-ttl %v", rateString(rate), ttl)
+	return b.fleetRound(ctx, "berth", fleetHosts, 1, false, "--s3-lease-ttl", ttl.String())
 }

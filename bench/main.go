@@ -46,6 +46,7 @@ type options struct {
 	rssConc   int
 	hangCap   time.Duration
 	tagTTL    time.Duration
+	leaseTTL  time.Duration // berth's --s3-lease-ttl in the fleet's lease-renewal round
 	timeout   time.Duration
 	workDir   string
 	keep      bool
@@ -131,6 +132,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.rssConc, "rss-clients", 50, "concurrent clients streaming the big blob in the rss scenario")
 	fs.DurationVar(&o.hangCap, "hang-cap", 60*time.Second, "give up on a pull from a hung upstream after this long")
 	fs.DurationVar(&o.tagTTL, "tag-ttl", time.Second, "berth's --tag-ttl in the hang scenario (expired before each pull)")
+	fs.DurationVar(&o.leaseTTL, "lease-ttl", 15*time.Second, "berth's --s3-lease-ttl in the fleet scenario's lease-renewal round, which holds leases across two renewals (every third of it)")
 	fs.IntVar(&o.prewarmNodes, "prewarm-nodes", 8, "nodes berth prewarm warms in the prewarm scenario")
 	fs.IntVar(&o.prewarmScale, "prewarm-scale", 50, "nodes of the prewarm scenario's scale round (small image)")
 	o.prewarmSmall = 1 << 20
@@ -159,7 +161,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		for k, v := range map[string]string{
 			"layer-size": "4MiB", "ns": "1,20", "reps": "2", "big": "128MiB", "cpu-clients": "4",
-			"rss-clients": "20", "hang-cap": "10s", "prewarm-nodes": "4", "prewarm-scale": "8", "prewarm-small": "256KiB",
+			"rss-clients": "20", "hang-cap": "10s", "lease-ttl": "3s", "prewarm-nodes": "4", "prewarm-scale": "8", "prewarm-small": "256KiB",
 		} {
 			if !set[k] {
 				if err := fs.Set(k, v); err != nil {
@@ -192,6 +194,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, errors.New("-wall-n, -reps, -cpu-clients, -cpu-reads and -rss-clients must be positive")
 	case o.prewarmNodes < 1 || o.prewarmScale < 1 || o.prewarmSmall < 1:
 		return o, errors.New("-prewarm-nodes, -prewarm-scale and -prewarm-small must be positive")
+	case o.leaseTTL < 3*time.Second:
+		return o, errors.New("-lease-ttl must be at least 3s (S3 times come in whole seconds)")
 	case o.rate < 0:
 		return o, errors.New("-rate must not be negative")
 	case o.fleetRate < -1:

@@ -1,7 +1,11 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httputil"
@@ -9,6 +13,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"time"
 )
 
 // s3Counter sits between the mirrors and MinIO and counts the S3 requests
@@ -24,6 +29,92 @@ type s3Counter struct {
 	ops       map[string]int64
 	detail    map[string]int64 // by operation, kind of object and status
 	blobReads int64            // successful GETs of blob content
+	leases    leaseLedger
+}
+
+// leaseLedger tells blob lease renewals from the other lease writes and
+// adds up how long blob leases were held, from the writes alone. A renewal and a takeover
+// are both a PutObject with If-Match; a renewal's If-Match names an ETag
+// that the same holder wrote (the holder is in the lease's JSON body), a
+// takeover's one another holder wrote. A hold runs from a lease's creation
+// or takeover to its deletion.
+type leaseLedger struct {
+	writer   map[string]string    // ETag → the holder whose write it is
+	held     map[string]time.Time // key → start of its current hold, or of this period
+	renewals int64                // renewal attempts, whatever the answer
+	seconds  float64              // hold time closed in this period
+	holds    int64                // holds begun in this period
+}
+
+type leaseHolderKey struct{}
+
+// leaseHolder reads the holder from a lease write's body, which it leaves
+// for the proxy to send as it was. The body may be aws-chunked: the JSON is
+// what starts at its first '{'.
+func leaseHolder(r *http.Request) *http.Request {
+	if r.Method != http.MethodPut || objectKind(r.URL.Path) != "leases" || r.Body == nil {
+		return r
+	}
+	b, err := io.ReadAll(io.LimitReader(r.Body, 64<<10))
+	r.Body.Close()
+	r.Body = io.NopCloser(bytes.NewReader(b))
+	if err != nil {
+		return r
+	}
+	var rec struct {
+		Holder string `json:"holder"`
+	}
+	if i := bytes.IndexByte(b, '{'); i >= 0 && json.NewDecoder(bytes.NewReader(b[i:])).Decode(&rec) == nil {
+		return r.WithContext(context.WithValue(r.Context(), leaseHolderKey{}, rec.Holder))
+	}
+	return r
+}
+
+// note records a lease request with its answer.
+func (l *leaseLedger) note(r *http.Request, status int, etag string, now time.Time) {
+	if l.writer == nil {
+		l.writer, l.held = map[string]string{}, map[string]time.Time{}
+	}
+	ok := status/100 == 2
+	path := r.URL.Path
+	holder, _ := r.Context().Value(leaseHolderKey{}).(string)
+	switch r.Method {
+	case http.MethodPut:
+		ifMatch := strings.Trim(r.Header.Get("If-Match"), `"`)
+		if ifMatch != "" && holder != "" && l.writer[ifMatch] == holder {
+			l.renewals++
+		} else if ok { // created or taken over: a new hold
+			l.close(path, now)
+			l.held[path] = now
+			l.holds++
+		}
+		if ok && etag != "" {
+			l.writer[strings.Trim(etag, `"`)] = holder
+		}
+	case http.MethodDelete:
+		if ok {
+			l.close(path, now)
+		}
+	}
+}
+
+func (l *leaseLedger) close(path string, now time.Time) {
+	if start, ok := l.held[path]; ok {
+		l.seconds += now.Sub(start).Seconds()
+		delete(l.held, path)
+	}
+}
+
+// take ends a period: the holds still running count up to now, and go on
+// into the next period from now.
+func (l *leaseLedger) take(now time.Time) (renewals, holds int64, seconds float64) {
+	renewals, holds, seconds = l.renewals, l.holds, l.seconds
+	for path, start := range l.held {
+		seconds += now.Sub(start).Seconds()
+		l.held[path] = now
+	}
+	l.renewals, l.holds, l.seconds = 0, 0, 0
+	return renewals, holds, seconds
 }
 
 func startS3Counter(target string) (*s3Counter, error) {
@@ -43,15 +134,17 @@ func startS3Counter(target string) (*s3Counter, error) {
 		},
 		FlushInterval: -1,
 		ModifyResponse: func(resp *http.Response) error {
-			c.record(resp.Request, resp.StatusCode)
+			c.record(resp.Request, resp.StatusCode, resp.Header.Get("ETag"))
 			return nil
 		},
 		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			c.record(r, 0)
+			c.record(r, 0, "")
 			w.WriteHeader(http.StatusBadGateway)
 		},
 	}
-	c.srv = &http.Server{Handler: rp}
+	c.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rp.ServeHTTP(w, leaseHolder(r))
+	})}
 	go c.srv.Serve(ln)
 	return c, nil
 }
@@ -127,12 +220,17 @@ func isBlobContent(path string) bool {
 	return strings.Contains(path, "/blobs/") && !strings.Contains(path, "/leases/")
 }
 
-func (c *s3Counter) record(r *http.Request, status int) {
+func (c *s3Counter) record(r *http.Request, status int, etag string) {
 	op := s3Op(r)
+	kind := objectKind(r.URL.Path)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.ops[op]++
-	c.detail[fmt.Sprintf("%s %s %d", op, objectKind(r.URL.Path), status)]++
+	c.detail[fmt.Sprintf("%s %s %d", op, kind, status)]++
+	// Blob leases are the ones renewed; a tag's lease lives 30s unrenewed.
+	if kind == "leases" && strings.Contains(r.URL.Path, "/leases/blobs/") {
+		c.leases.note(r, status, etag, time.Now())
+	}
 	if op == "GetObject" && (status == http.StatusOK || status == http.StatusPartialContent) && isBlobContent(r.URL.Path) {
 		c.blobReads++
 	}
@@ -168,14 +266,26 @@ type s3Counts struct {
 	ops       map[string]int64
 	detail    map[string]int64
 	blobReads int64
+	renewals  int64   // blob lease renewal requests, among the ops
+	leaseHeld int64   // blob leases created or taken over
+	leaseSecs float64 // how long blob leases were held, summed over leases
 }
 
 func (c *s3Counter) take() s3Counts {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	out := s3Counts{ops: c.ops, detail: c.detail, blobReads: c.blobReads}
+	out.renewals, out.leaseHeld, out.leaseSecs = c.leases.take(time.Now())
 	c.ops, c.detail, c.blobReads = map[string]int64{}, map[string]int64{}, 0
 	return out
+}
+
+// total is every request of the period.
+func (s s3Counts) total() (n int64) {
+	for _, k := range s.ops {
+		n += k
+	}
+	return n
 }
 
 // details lists the requests by operation, object kind and status.
