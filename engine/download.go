@@ -325,6 +325,16 @@ func (d *download) makeRoom(want int64) error {
 		var next time.Time // when the next reader in the way would be dropped
 		live, inWay, dropped := 0, 0, false
 		for r := range d.members {
+			if r.copying && r.pos < need {
+				// Copying out of that stretch right now, even if its
+				// caller has just gone: it must not change under the
+				// copy, which ends shortly (and wakes us).
+				if !r.canceled && !r.evicted {
+					live++
+				}
+				inWay++
+				continue
+			}
 			if r.canceled || r.evicted {
 				continue
 			}
@@ -352,7 +362,9 @@ func (d *download) makeRoom(want int64) error {
 		if wake != nil {
 			wake.Stop()
 		}
-		wake = time.AfterFunc(time.Until(next), d.cond.Broadcast)
+		if !next.IsZero() {
+			wake = time.AfterFunc(time.Until(next), d.cond.Broadcast)
+		}
 		d.cond.Wait()
 	}
 }
@@ -453,6 +465,7 @@ type reader struct {
 	moved    time.Time // when pos last changed
 	evicted  bool      // relaying: dropped for holding the window back too long
 	canceled bool
+	copying  bool // between available and the end of readSpan's copy out of the ring
 	stop     func() bool
 	closed   bool
 	err      error    // what ended reading early, if anything
@@ -471,6 +484,7 @@ func (r *reader) available() (span, error) {
 	d := r.d
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	r.copying = false
 	for {
 		if d.err != nil {
 			return span{}, errDownloadFailed
@@ -501,6 +515,7 @@ func (r *reader) available() (span, error) {
 			end-- // hold back the last byte until the digest is verified
 		}
 		if r.off < end {
+			r.copying = d.relaying && r.off >= fileEnd
 			return span{end: end, fileEnd: fileEnd}, nil
 		}
 		if d.done {
@@ -522,6 +537,11 @@ func (r *reader) Read(p []byte) (int, error) {
 	if err != nil {
 		return 0, r.failed(err)
 	}
+	return r.readSpan(p, s)
+}
+
+// readSpan reads into p from the span available returned.
+func (r *reader) readSpan(p []byte, s span) (int, error) {
 	if r.off < s.fileEnd {
 		n := min(int64(len(p)), s.end-r.off, s.fileEnd-r.off)
 		m, err := r.d.rf.ReadAt(p[:n], r.off)
@@ -531,13 +551,19 @@ func (r *reader) Read(p []byte) (int, error) {
 		}
 		return m, r.failed(err)
 	}
-	// The window keeps [r.pos, r.pos+len(ring)) intact, and r.pos is r.off.
+	// The window keeps [r.pos, r.pos+len(ring)) intact while r.copying,
+	// even once the reader's caller has gone, and r.pos is r.off.
 	n := min(int64(len(p)), s.end-r.off)
-	ring := r.d.ring
+	d := r.d
+	ring := d.ring
 	at := r.off % int64(len(ring))
 	m := copy(p[:n], ring[at:])
 	m += copy(p[m:n], ring)
 	r.off += int64(m)
+	d.mu.Lock()
+	r.copying = false
+	d.mu.Unlock()
+	d.cond.Broadcast() // the window may wait for this copy
 	return m, nil
 }
 
