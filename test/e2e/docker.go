@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -50,6 +51,11 @@ func StartDockerd(t testing.TB, opts DockerdOptions) *Dockerd {
 	bin := testsupport.RequireTool(t, "dockerd")
 	testsupport.RequireTool(t, "docker")
 	dir := testsupport.ShortTempDir(t, "dk")
+	// Runs after the daemon's stop (registered before its start) and before
+	// the dirs go: a daemon that was killed leaves its data-root bind mount
+	// and its exec-root netns mount behind in this mount namespace, which
+	// would keep its dirs.
+	t.Cleanup(func() { unmountAll(func(p string) bool { return strings.HasPrefix(p, dir+"/") }) })
 	cfgPath := opts.ConfigFile
 	if cfgPath == "" {
 		cfgPath = writeDaemonJSON(t, dir, opts)

@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -152,24 +153,11 @@ func netnsTag(name string) string {
 func removeNetnsTagged(t testing.TB, match func(tag string) bool) {
 	t.Helper()
 	// Mounts first: a tmpfs data directory of a host.
-	if f, err := os.Open("/proc/self/mounts"); err == nil {
-		var mounts []string
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			fields := strings.Fields(sc.Text())
-			if len(fields) < 2 {
-				continue
-			}
-			base := filepath.Base(fields[1])
-			if tag := netnsTag(base); tag != "" && strings.Contains(base, "-disk") && match(tag) {
-				mounts = append(mounts, fields[1])
-			}
-		}
-		f.Close()
-		for _, m := range mounts {
-			_ = syscall.Unmount(m, syscall.MNT_DETACH)
-		}
-	}
+	unmountAll(func(path string) bool {
+		base := filepath.Base(path)
+		tag := netnsTag(base)
+		return tag != "" && strings.Contains(base, "-disk") && match(tag)
+	})
 	out, _ := RunErr(30*time.Second, nil, "ip", "netns", "list")
 	for _, line := range strings.Split(out, "\n") {
 		fields := strings.Fields(line)
@@ -205,6 +193,27 @@ func removeNetnsTagged(t testing.TB, match func(tag string) bool) {
 		if out, err := RunErr(30*time.Second, nil, "ip", "link", "del", name); err != nil && !strings.Contains(out, "Cannot find device") {
 			t.Logf("removing link %s: %v: %s", name, err, out)
 		}
+	}
+}
+
+// unmountAll detaches every mount of this mount namespace whose mount point
+// matches, deepest first.
+func unmountAll(match func(mountPoint string) bool) {
+	f, err := os.Open("/proc/self/mounts")
+	if err != nil {
+		return
+	}
+	var mounts []string
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if fields := strings.Fields(sc.Text()); len(fields) >= 2 && match(fields[1]) {
+			mounts = append(mounts, fields[1])
+		}
+	}
+	f.Close()
+	slices.SortFunc(mounts, func(a, b string) int { return len(b) - len(a) })
+	for _, m := range mounts {
+		_ = syscall.Unmount(m, syscall.MNT_DETACH)
 	}
 }
 

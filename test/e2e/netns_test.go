@@ -430,9 +430,11 @@ func TestNetnsKillQuarterOfHosts(t *testing.T) {
 		time.Sleep(time.Until(start.Add(at)))
 		_ = nf.hosts[v].Cmd.Process.Signal(syscall.SIGKILL)
 		if d := nf.docker[v]; d != nil {
-			// The whole host dies, its docker too: a docker pull would
-			// retry the dead berth for a minute and more otherwise.
-			_ = syscall.Kill(-d.Cmd.Process.Pid, syscall.SIGKILL)
+			// Its docker goes too, or its pull would retry the dead berth
+			// for a minute and more. SIGTERM: a daemon killed outright
+			// leaves its mounts behind (the cleanup removes them, but a
+			// daemon that stops cleanly needs none of that).
+			_ = d.Cmd.Process.Signal(syscall.SIGTERM)
 		}
 		t.Logf("killed host %d (%s) %v into the pull", v, why, time.Since(start).Round(time.Millisecond))
 	}
