@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -71,6 +72,9 @@ type Engine struct {
 	settings sync.RWMutex
 	cfg      *config.Config
 	ups      map[string]*upstream
+	// The idle timeouts start as Options says and follow the configuration
+	// on Reload; downloads read them on every chunk, hence atomics.
+	sourceIdle, peerIdle atomic.Int64
 
 	bgMu     sync.Mutex
 	bg       map[string]*call // tag revalidations and manifest fetches by key
@@ -118,6 +122,8 @@ func New(o Options) (*Engine, error) {
 		bg:        map[string]*call{},
 		subs:      map[chan Event]struct{}{},
 	}
+	e.sourceIdle.Store(int64(o.SourceIdleTimeout))
+	e.peerIdle.Store(int64(o.PeerIdleTimeout))
 	if o.PeerTransport == nil {
 		o.PeerTransport = defaultPeerTransport
 	}
@@ -128,7 +134,7 @@ func New(o Options) (*Engine, error) {
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}
 	e.life, e.cancel = context.WithCancel(context.Background())
-	if err := e.Reload(o.Config); err != nil {
+	if err := e.setConfig(o.Config); err != nil {
 		e.cancel()
 		return nil, err
 	}
@@ -148,8 +154,25 @@ type ioDiscard struct{}
 
 func (ioDiscard) Write(p []byte) (int, error) { return len(p), nil }
 
-// Reload swaps in new upstreams and TTLs; work in progress finishes with the old ones.
+// Reload swaps in new upstreams, TTLs and idle timeouts; work in progress
+// finishes with the old upstreams, and running downloads take the new idle
+// timeouts from their next chunk.
 func (e *Engine) Reload(cfg *config.Config) error {
+	if err := e.setConfig(cfg); err != nil {
+		return err
+	}
+	// At New, Options carries the idle timeouts; from then on the
+	// configuration does.
+	if d := cfg.SourceIdleTimeout.D(); d > 0 {
+		e.sourceIdle.Store(int64(d))
+	}
+	if d := cfg.PeerIdleTimeout.D(); d > 0 {
+		e.peerIdle.Store(int64(d))
+	}
+	return nil
+}
+
+func (e *Engine) setConfig(cfg *config.Config) error {
 	ups := map[string]*upstream{}
 	for host, c := range cfg.Upstreams {
 		u, err := newUpstream(e.life, host, c)

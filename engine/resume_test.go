@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"github.com/berth-dev/berth/config"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -217,5 +218,34 @@ func TestResumeARelay(t *testing.T) {
 	}
 	if n := u.count("GET", blobPath("org/app", d)); n != 2 {
 		t.Fatalf("upstream GETs %d, want 2", n)
+	}
+}
+
+// A SIGHUP that shortens source_idle_timeout applies to the next download:
+// started with an hour, the stalled upstream below is dropped after the
+// reloaded 300ms and the download resumes (an hour would outlast the test).
+func TestReloadAppliesIdleTimeouts(t *testing.T) {
+	u := newUpstreamFake(t)
+	content := randomBytes(90, 2<<20)
+	d := u.pushBlob("org/app", content)
+	u.set("GET", blobPath("org/app", d), u.flaky(content, u.stallAfter(1<<20), true, nil))
+	e := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) {
+		o.SourceIdleTimeout, o.PeerIdleTimeout = time.Hour, time.Hour
+	})
+	cfg, _ := e.config()
+	cfg = cfg.Clone()
+	cfg.SourceIdleTimeout, cfg.PeerIdleTimeout = config.Duration(300*time.Millisecond), config.Duration(200*time.Millisecond)
+	if err := e.Reload(cfg); err != nil {
+		t.Fatal(err)
+	}
+	if got := e.idleTimeout(source{label: "peer"}); got != 200*time.Millisecond {
+		t.Fatalf("peer idle timeout after reload %v, want 200ms", got)
+	}
+	got, err := e.read(t, d)
+	if err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("read %d bytes, %v", len(got), err)
+	}
+	if n := e.counter(e.metrics.resumes.WithLabelValues("upstream", "stall")); n != 1 {
+		t.Fatalf("resumes{upstream,stall} %v, want 1", n)
 	}
 }

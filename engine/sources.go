@@ -228,10 +228,12 @@ func unreachable(err error) bool {
 // on it: a peer is judged sooner than the upstream or the bucket.
 func (e *Engine) idleTimeout(src source) time.Duration {
 	if src.label == "peer" {
-		return e.opts.PeerIdleTimeout
+		return e.peerIdleTimeout()
 	}
-	return e.opts.SourceIdleTimeout
+	return time.Duration(e.sourceIdle.Load())
 }
+
+func (e *Engine) peerIdleTimeout() time.Duration { return time.Duration(e.peerIdle.Load()) }
 
 // openPeerAt GETs a blob from another berth from offset. A peer that sends
 // no response headers within PeerIdleTimeout fails with errPeerSilent; once
@@ -248,12 +250,13 @@ func (e *Engine) openPeerAt(ctx context.Context, holder string, key storage.Key,
 	if offset > 0 {
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-", offset))
 	}
-	silent := time.AfterFunc(e.opts.PeerIdleTimeout, func() { cancel(errPeerSilent) })
+	wait := e.peerIdleTimeout()
+	silent := time.AfterFunc(wait, func() { cancel(errPeerSilent) })
 	resp, err := e.peers.Do(req)
 	silent.Stop()
 	if err != nil {
 		if errors.Is(context.Cause(ctx), errPeerSilent) {
-			err = fmt.Errorf("peer %s: %w within %v", holder, errPeerSilent, e.opts.PeerIdleTimeout)
+			err = fmt.Errorf("peer %s: %w within %v", holder, errPeerSilent, wait)
 		}
 		cancel(nil)
 		return source{}, err

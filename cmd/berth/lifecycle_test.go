@@ -252,11 +252,13 @@ func TestSIGHUPReloadsAndRejectsBadConfig(t *testing.T) {
 		}
 	}
 
-	write(fmt.Sprintf("upstreams:\n  docker.io:\n    url: %s\n  quay.test:\n    url: %s\ntag_ttl: 1m\n", up.URL, up.URL))
+	write(fmt.Sprintf("upstreams:\n  docker.io:\n    url: %s\n  quay.test:\n    url: %s\ntag_ttl: 1m\nsource_idle_timeout: 2s\n", up.URL, up.URL))
 	b.cmd.Process.Signal(syscall.SIGHUP)
 	waitLog("configuration reloaded")
-	if !strings.Contains(b.logText(), "tag_ttl: 5m0s -> 1m0s") {
-		t.Errorf("reload log does not say what changed:\n%s", b.logText())
+	for _, change := range []string{"tag_ttl: 5m0s -> 1m0s", "source_idle_timeout: 15s -> 2s"} {
+		if !strings.Contains(b.logText(), change) {
+			t.Errorf("reload log does not say %q:\n%s", change, b.logText())
+		}
 	}
 	if got := status("/v2/quay.test/team/app/manifests/v1"); got != 200 {
 		t.Fatalf("after reload the new upstream answered %d, want 200", got)

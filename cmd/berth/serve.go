@@ -655,6 +655,8 @@ func configChanges(a, b *config.Config) string {
 	diff("log.level", a.Log.Level, b.Log.Level)
 	diff("log.format", a.Log.Format, b.Log.Format)
 	diff("shutdown_timeout", a.ShutdownTimeout, b.ShutdownTimeout)
+	diff("source_idle_timeout", a.SourceIdleTimeout, b.SourceIdleTimeout)
+	diff("peer_idle_timeout", a.PeerIdleTimeout, b.PeerIdleTimeout)
 	// Webhook URLs may carry a token in their query: only how many.
 	diff("webhooks", len(a.Webhooks), len(b.Webhooks))
 	if !reflect.DeepEqual(a.Webhooks, b.Webhooks) && len(a.Webhooks) == len(b.Webhooks) {
