@@ -68,10 +68,10 @@ func layerTar(i int, size int64, seed uint64) ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// pushImage builds an OCI image of n random layers and pushes it straight to
-// the upstream registry, bypassing the throttled link.
-func pushImage(ctx context.Context, upstream string, layers int, layerSize int64) (testImage, error) {
-	seed := uint64(time.Now().UnixNano())
+// pushImage builds an OCI image of n random layers from seed and pushes it
+// straight to the upstream registry as repo:imageTag, bypassing the
+// throttled link. Images pushed with different seeds share no layer.
+func pushImage(ctx context.Context, upstream, repo string, layers int, layerSize int64, seed uint64) (testImage, error) {
 	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
 	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
 	var ls []v1.Layer
@@ -86,12 +86,12 @@ func pushImage(ctx context.Context, upstream string, layers int, layerSize int64
 	if err != nil {
 		return testImage{}, err
 	}
-	ref, err := name.ParseReference(upstream+"/"+imageRepo+":"+imageTag, name.Insecure)
+	ref, err := name.ParseReference(upstream+"/"+repo+":"+imageTag, name.Insecure)
 	if err != nil {
 		return testImage{}, err
 	}
 	if err := remote.Write(ref, img, remote.WithContext(ctx)); err != nil {
-		return testImage{}, fmt.Errorf("pushing the test image: %w", err)
+		return testImage{}, fmt.Errorf("pushing %s: %w", repo, err)
 	}
 	raw, err := img.RawManifest()
 	if err != nil {

@@ -8,14 +8,6 @@ import (
 	"strings"
 	"syscall"
 	"time"
-
-	"github.com/google/go-containerregistry/pkg/name"
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/static"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 // The prewarm scenario (docs/prewarm.md): `berth prewarm` onto N nodes on
@@ -242,7 +234,8 @@ func (b *bench) prewarmRep(ctx context.Context, rep, n int, ref string, up, naiv
 // prewarmScaleRound warms many nodes with a small image.
 func (b *bench) prewarmScaleRound(ctx context.Context, up, reqs, wall, rss *row) error {
 	o := b.opt
-	img, err := pushSmallImage(ctx, b.up.addr, o.layers, o.prewarmSmall)
+	// A seed of its own: the small image shares no layer with the test image.
+	img, err := pushImage(ctx, b.up.addr, smallRepo, o.layers, o.prewarmSmall, uint64(time.Now().UnixNano())^0x5a5a)
 	if err != nil {
 		return err
 	}
@@ -266,41 +259,4 @@ func (b *bench) prewarmScaleRound(ctx context.Context, up, reqs, wall, rss *row)
 	wall.berth.add(res.wall.Seconds())
 	rss.berth.add(float64(res.maxRSS) / 1024)
 	return nil
-}
-
-// pushSmallImage pushes an image of n random layers to smallRepo.
-func pushSmallImage(ctx context.Context, upstream string, layers int, layerSize int64) (testImage, error) {
-	seed := uint64(time.Now().UnixNano()) ^ 0x5a5a
-	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
-	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-	var ls []v1.Layer
-	for i := range layers {
-		data, err := layerTar(i, layerSize, seed+uint64(i))
-		if err != nil {
-			return testImage{}, err
-		}
-		ls = append(ls, static.NewLayer(data, types.OCIUncompressedLayer))
-	}
-	img, err := mutate.AppendLayers(img, ls...)
-	if err != nil {
-		return testImage{}, err
-	}
-	ref, err := name.ParseReference(upstream+"/"+smallRepo+":"+imageTag, name.Insecure)
-	if err != nil {
-		return testImage{}, err
-	}
-	if err := remote.Write(ref, img, remote.WithContext(ctx)); err != nil {
-		return testImage{}, fmt.Errorf("pushing the small image: %w", err)
-	}
-	raw, _ := img.RawManifest()
-	m, err := img.Manifest()
-	if err != nil {
-		return testImage{}, err
-	}
-	d, _ := img.Digest()
-	total := int64(len(raw)) + m.Config.Size
-	for _, l := range m.Layers {
-		total += l.Size
-	}
-	return testImage{digest: d, bytes: total, blobs: len(m.Layers) + 1}, nil
 }

@@ -40,7 +40,7 @@ func (b *bench) ensureImage(ctx context.Context) error {
 		return nil
 	}
 	b.logf("pushing a %d × %s image to the upstream", b.opt.layers, sizeString(b.opt.layerSize))
-	img, err := pushImage(ctx, b.up.addr, b.opt.layers, b.opt.layerSize)
+	img, err := pushImage(ctx, b.up.addr, imageRepo, b.opt.layers, b.opt.layerSize, uint64(time.Now().UnixNano()))
 	if err != nil {
 		return err
 	}
