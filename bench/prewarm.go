@@ -51,8 +51,11 @@ func (b *bench) runPrewarm(ctx context.Context, nodes []*server, ref string, par
 		}
 		return prewarmRound{}, fmt.Errorf("berth prewarm: %v\n%s", err, tail)
 	}
-	// Uploads to the bucket may finish after the last node reported.
-	time.Sleep(time.Second)
+	// Uploads to the bucket may finish after the last node reported: they
+	// count too.
+	sctx, cancel := context.WithTimeout(ctx, time.Minute)
+	b.s3.counter.settle(sctx, time.Second)
+	cancel()
 	r := prewarmRound{wall: wall, upstream: b.link.UpstreamBytes(), s3: b.s3.counter.take()}
 	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
 		r.maxRSS = ru.Maxrss
@@ -175,8 +178,8 @@ func (b *bench) prewarmRep(ctx context.Context, rep, n int, ref string, up, naiv
 	}
 	rb := float64(res.upstream) / float64(b.image.bytes)
 	perNodeBlob := float64(res.s3.reads()+res.s3.writes()) / float64(n*b.image.blobs)
-	b.logf("prewarm, repetition %d: %d nodes warm in %.2f s (one cold pull %.2f s), upstream sent %.3f × the image; S3: %d reads, %d writes, %d blob reads [%s]",
-		rep+1, n, res.wall.Seconds(), oneWall.Seconds(), rb, res.s3.reads(), res.s3.writes(), res.s3.blobReads, res.s3)
+	b.logf("prewarm, repetition %d: %d nodes warm in %.2f s (one cold pull %.2f s), upstream sent %.3f × the image; S3: %d reads, %d writes, %d blob reads [%s]; by kind: %s",
+		rep+1, n, res.wall.Seconds(), oneWall.Seconds(), rb, res.s3.reads(), res.s3.writes(), res.s3.blobReads, res.s3, res.s3.details())
 
 	// Pulls on a warmed node: nothing from the upstream or the bucket.
 	b.link.Reset()
@@ -252,8 +255,8 @@ func (b *bench) prewarmScaleRound(ctx context.Context, up, reqs, wall, rss *row)
 	if err != nil {
 		return err
 	}
-	b.logf("prewarm scale: %d nodes warm in %.2f s, upstream sent %.3f × the image; S3: %d reads, %d writes, %d blob reads; berth prewarm peak RSS %.1f MiB",
-		o.prewarmScale, res.wall.Seconds(), float64(res.upstream)/float64(img.bytes), res.s3.reads(), res.s3.writes(), res.s3.blobReads, float64(res.maxRSS)/1024)
+	b.logf("prewarm scale: %d nodes warm in %.2f s, upstream sent %.3f × the image; S3: %d reads, %d writes, %d blob reads; berth prewarm peak RSS %.1f MiB; by kind: %s",
+		o.prewarmScale, res.wall.Seconds(), float64(res.upstream)/float64(img.bytes), res.s3.reads(), res.s3.writes(), res.s3.blobReads, float64(res.maxRSS)/1024, res.s3.details())
 	up.berth.add(float64(res.upstream) / float64(img.bytes))
 	reqs.berth.add(float64(res.s3.reads()+res.s3.writes()) / float64(o.prewarmScale*img.blobs))
 	wall.berth.add(res.wall.Seconds())

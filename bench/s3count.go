@@ -30,6 +30,7 @@ type s3Counter struct {
 	detail    map[string]int64 // by operation, kind of object and status
 	blobReads int64            // successful GETs of blob content
 	leases    leaseLedger
+	last      time.Time // of the last request but a health check
 }
 
 // leaseLedger tells blob lease renewals from the other lease writes and
@@ -226,6 +227,9 @@ func (c *s3Counter) record(r *http.Request, status int, etag string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.ops[op]++
+	if op != "HeadBucket" {
+		c.last = time.Now()
+	}
 	c.detail[fmt.Sprintf("%s %s %d", op, kind, status)]++
 	// Blob leases are the ones renewed; a tag's lease lives 30s unrenewed.
 	if kind == "leases" && strings.Contains(r.URL.Path, "/leases/blobs/") {
@@ -269,6 +273,25 @@ type s3Counts struct {
 	renewals  int64   // blob lease renewal requests, among the ops
 	leaseHeld int64   // blob leases created or taken over
 	leaseSecs float64 // how long blob leases were held, summed over leases
+}
+
+// settle waits until the mirrors have sent no request but their periodic
+// health checks for quiet, so work they finish after answering (an
+// upload to the bucket) is counted too; at most until ctx ends.
+func (c *s3Counter) settle(ctx context.Context, quiet time.Duration) {
+	for {
+		c.mu.Lock()
+		idle := time.Since(c.last)
+		c.mu.Unlock()
+		if idle >= quiet {
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(quiet - idle):
+		}
+	}
 }
 
 func (c *s3Counter) take() s3Counts {

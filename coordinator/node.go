@@ -308,6 +308,9 @@ type job struct {
 	repos    []engine.Repo // by image, for the images that resolved
 	restore  map[string]Pin
 	pinUntil time.Time
+	// fromHolder: blobs another node is filling the bucket with
+	// (engine.PrefetchOptions.FromHolder).
+	fromHolder map[digest.Digest]bool
 }
 
 func newID() string {
@@ -319,7 +322,10 @@ func newID() string {
 // plan resolves every image to its blobs and sizes; an image that fails
 // is marked failed with its typed error and the rest go on.
 func (n *Node) plan(ctx context.Context, req PrefetchRequest) *job {
-	j := &job{changed: make(chan struct{}), pinUntil: req.PinUntil}
+	j := &job{changed: make(chan struct{}), pinUntil: req.PinUntil, fromHolder: map[digest.Digest]bool{}}
+	for _, d := range req.FromHolder {
+		j.fromHolder[d] = true
+	}
 	j.snap = JobSnapshot{ID: newID(), State: StateRunning, Created: time.Now().UTC(), PinUntil: req.PinUntil}
 	j.snap.Images = make([]ImageStatus, len(req.Images))
 	j.repos = make([]engine.Repo, len(req.Images))
@@ -531,8 +537,12 @@ func (n *Node) run(ctx context.Context, j *job) {
 		go func() {
 			defer wg.Done()
 			for b := range work {
-				j.setBlob(b.repo.Upstream, b.d, StateRunning, nil)
-				err := n.o.Engine.Prefetch(ctx, b.repo, b.d, j.pinUntil)
+				// Running once bytes flow: the run that filled the bucket
+				// through this node starts the others then (Run).
+				err := n.o.Engine.PrefetchWith(ctx, b.repo, b.d, engine.PrefetchOptions{
+					PinUntil: j.pinUntil, FromHolder: j.fromHolder[b.d],
+					Started: func() { j.setBlob(b.repo.Upstream, b.d, StateRunning, nil) },
+				})
 				n.queue.Add(-1)
 				if err != nil {
 					j.setBlob(b.repo.Upstream, b.d, StateFailed, infoOf(err))
@@ -899,6 +909,7 @@ func (n *Node) Facts() NodeFacts {
 	f := NodeFacts{
 		OS: runtime.GOOS, Arch: runtime.GOARCH, Version: n.o.Version,
 		CacheBudget: n.o.Local.Budget(), CacheUsed: used, CacheBlobs: blobs,
+		Features: []string{FeatureFromHolder},
 	}
 	if runtime.GOARCH == "arm" {
 		f.Variant = "v7"

@@ -9,6 +9,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/opencontainers/go-digest"
 )
 
 // RunOptions are one pre-warm across a set of nodes.
@@ -86,9 +88,10 @@ func (r RunResult) Succeeded() int {
 
 // Run warms opts.Images on opts.Nodes: it asks every node for its facts,
 // has one node fetch every blob (the bucket fills: each blob crosses from
-// the upstream once, under the fleet's lease), then has every node fill
-// its own disk from the bucket and its peers, opts.Parallel at a time.
-// Every node gets a result; nothing stops at a node's failure.
+// the upstream once, under the fleet's lease), and once that node has
+// every blob under way has every node fill its own disk from it, the
+// bucket and its peers, opts.Parallel at a time. Every node gets a result;
+// nothing stops at a node's failure.
 func Run(ctx context.Context, o RunOptions) RunResult {
 	if o.Parallel <= 0 {
 		o.Parallel = 4
@@ -147,20 +150,23 @@ func Run(ctx context.Context, o RunOptions) RunResult {
 	var res RunResult
 	// The bucket first: one node fetches every blob of every platform, no
 	// pin (the node's own pins come with its turn below). A seed that is
-	// unreachable hands over to the next node.
+	// unreachable hands over to the next node. The other nodes start as
+	// soon as the seed has every blob under way, and stream each from it
+	// as it arrives (FromHolder): waiting for the whole image first would
+	// add its transfer time to theirs.
 	reachable := 0
 	for i := range o.Nodes {
 		if facts[i] != nil {
 			reachable++
 		}
 	}
+	var seed seedJob
 	if !o.SkipBucket && reachable > 1 {
 		for i, u := range o.Nodes {
 			if facts[i] == nil || ctx.Err() != nil {
 				continue
 			}
-			_, err := o.job(ctx, u, PhaseBucket, PrefetchRequest{Images: o.Images, Platforms: union}, safeReport)
-			if err != nil && err.Kind == "node_unreachable" {
+			if err := o.seed(ctx, &wg, &seed, u, PrefetchRequest{Images: o.Images, Platforms: union}, safeReport); err != nil && err.Kind == "node_unreachable" {
 				continue
 			}
 			res.Seed = u
@@ -186,7 +192,11 @@ func Run(ctx context.Context, o RunOptions) RunResult {
 			}
 			defer func() { <-sem }()
 			start := time.Now()
-			s, err := o.job(ctx, u, PhaseNode, PrefetchRequest{Images: o.Images, Platforms: platformsOf(i), PinUntil: o.PinUntil}, safeReport)
+			req := PrefetchRequest{Images: o.Images, Platforms: platformsOf(i), PinUntil: o.PinUntil}
+			if facts[i].has(FeatureFromHolder) {
+				req.FromHolder = seed.fetching()
+			}
+			s, err := o.job(ctx, u, PhaseNode, req, safeReport, nil)
 			r := &results[i]
 			r.Duration = time.Since(start)
 			r.JobID, r.BytesDone, r.BytesTotal = s.ID, s.BytesDone, s.BytesTotal
@@ -233,10 +243,82 @@ func (o RunOptions) client(u string) *Client {
 	return &Client{Base: u, Token: o.Token, HTTP: o.HTTP}
 }
 
+// seedJob is the bucket phase's job as last seen.
+type seedJob struct {
+	mu   sync.Mutex
+	snap JobSnapshot
+}
+
+// fetching lists the blobs the seed is fetching now: a node started now
+// streams them from it (PrefetchRequest.FromHolder) and reads the rest
+// from the bucket.
+func (s *seedJob) fetching() []digest.Digest {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.snap.Terminal() {
+		return nil
+	}
+	var out []digest.Digest
+	for _, im := range s.snap.Images {
+		for _, b := range im.Blobs {
+			if b.State == StateRunning && !slices.Contains(out, b.Digest) {
+				out = append(out, b.Digest)
+			}
+		}
+	}
+	return out
+}
+
+// seed starts the bucket phase's job on node u and returns once every
+// blob of it is under way on u (or the job has ended, with its error);
+// wg is done when the job ends.
+func (o RunOptions) seed(ctx context.Context, wg *sync.WaitGroup, sj *seedJob, u string, req PrefetchRequest, report func(Progress)) *ErrorInfo {
+	underWay := make(chan struct{})
+	var once sync.Once
+	ready := func() { once.Do(func() { close(underWay) }) }
+	ended := make(chan *ErrorInfo, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		last, err := o.job(ctx, u, PhaseBucket, req, report, func(s JobSnapshot) {
+			sj.mu.Lock()
+			sj.snap = s
+			sj.mu.Unlock()
+			if allStarted(s) {
+				ready()
+			}
+		})
+		sj.mu.Lock()
+		sj.snap = last
+		sj.mu.Unlock()
+		ended <- err
+		ready()
+	}()
+	<-underWay
+	select {
+	case err := <-ended:
+		return err
+	default:
+		return nil
+	}
+}
+
+// allStarted reports whether no blob of the job waits to start.
+func allStarted(s JobSnapshot) bool {
+	for _, im := range s.Images {
+		for _, b := range im.Blobs {
+			if b.State == StatePending {
+				return false
+			}
+		}
+	}
+	return true
+}
+
 // job runs one prefetch on a node and follows it to its end. A node whose
 // event stream breaks is asked for the job's state once more; a run whose
 // context ends cancels the node's job.
-func (o RunOptions) job(ctx context.Context, u, phase string, req PrefetchRequest, report func(Progress)) (JobSnapshot, *ErrorInfo) {
+func (o RunOptions) job(ctx context.Context, u, phase string, req PrefetchRequest, report func(Progress), snap func(JobSnapshot)) (JobSnapshot, *ErrorInfo) {
 	c := o.client(u)
 	report(Progress{Node: u, Phase: phase, State: StateRunning})
 	id, err := c.Prefetch(ctx, req)
@@ -246,6 +328,9 @@ func (o RunOptions) job(ctx context.Context, u, phase string, req PrefetchReques
 		return JobSnapshot{}, e
 	}
 	s, err := c.Watch(ctx, id, func(s JobSnapshot) {
+		if snap != nil {
+			snap(s)
+		}
 		report(Progress{Node: u, Phase: phase, State: StateRunning, JobID: id, BytesDone: s.BytesDone, BytesTotal: s.BytesTotal, BlobsDone: s.BlobsDone, BlobsTotal: s.BlobsTotal})
 	})
 	if err != nil && ctx.Err() == nil {

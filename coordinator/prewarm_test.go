@@ -1,9 +1,14 @@
 package coordinator
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
+	"io"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -11,6 +16,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/opencontainers/go-digest"
+
+	"github.com/berth-dev/berth/internal/testsupport"
 )
 
 // Run gives every node a result: warm ones succeed, a node that is down
@@ -88,5 +95,77 @@ func TestDirectResolver(t *testing.T) {
 	imgs, bad := ResolveAll(ctx, []string{up.host + "/org/app:v1", up.host + "/org/app@" + d.String(), "x y"}, DirectResolver())
 	if len(imgs) != 1 || len(bad) != 1 || !strings.Contains(bad["x y"].Kind, "invalid") {
 		t.Errorf("ResolveAll: %+v %+v", imgs, bad)
+	}
+}
+
+// The nodes start while the seed is still fetching: a layer the upstream
+// holds back mid-body does not keep them waiting for the whole image, and
+// they are told which blobs the seed is fetching (to stream from it).
+func TestRunStartsNodesWhileTheSeedFetches(t *testing.T) {
+	up := newUpstream(t)
+	img, _ := random.Image(200_000, 2)
+	d := up.push("org/app", "v1", img)
+	layers, _ := img.Layers()
+	slow, _ := layers[0].Digest()
+	rc, _ := layers[0].Compressed()
+	body, _ := io.ReadAll(rc)
+	gate := make(chan struct{})
+	up.fault(slow.String(), func(w http.ResponseWriter) bool {
+		w.Header().Set("Content-Length", fmt.Sprint(len(body)))
+		w.Header().Set("Docker-Content-Digest", slow.String())
+		w.WriteHeader(http.StatusOK)
+		w.Write(body[:1000])
+		w.(http.Flusher).Flush()
+		<-gate
+		w.Write(body[1000:])
+		return true
+	})
+	seed := startNode(t, up, "", 1<<30, nil)
+	other := startNode(t, up, "", 1<<30, nil)
+	var mu sync.Mutex
+	var asked []PrefetchRequest
+	serve := func(n *testNode) string {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPost && r.URL.Path == "/berth/v1/prefetch" {
+				b, _ := io.ReadAll(r.Body)
+				var req PrefetchRequest
+				json.Unmarshal(b, &req)
+				mu.Lock()
+				asked = append(asked, req)
+				mu.Unlock()
+				r.Body = io.NopCloser(bytes.NewReader(b))
+			}
+			n.h.ServeHTTP(w, r)
+		}))
+		t.Cleanup(srv.Close)
+		return srv.URL
+	}
+	seedURL, otherURL := serve(seed), serve(other)
+	done := make(chan RunResult, 1)
+	go func() {
+		done <- Run(context.Background(), RunOptions{
+			Nodes:  []string{seedURL, otherURL},
+			Images: []Image{{Repository: "registry.test/org/app", Digest: digest.Digest(d.String())}},
+		})
+	}()
+	testsupport.Eventually(t, "the other node asked while the seed fetches", 20*time.Second, func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return len(asked) == 3 // the seed's bucket phase, then both nodes'
+	})
+	close(gate)
+	res := <-done
+	if res.Succeeded() != 2 || res.Seed != seedURL {
+		t.Fatalf("succeeded %d, seed %s: %+v", res.Succeeded(), res.Seed, res.Nodes)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(asked[0].FromHolder) != 0 {
+		t.Errorf("the bucket phase was told to stream from a holder: %v", asked[0].FromHolder)
+	}
+	for _, req := range asked[1:] {
+		if !slices.Contains(req.FromHolder, digest.Digest(slow.String())) {
+			t.Errorf("a node was not told the seed fetches %s: %v", slow, req.FromHolder)
+		}
 	}
 }

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"slices"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -36,6 +37,11 @@ type PrefetchRequest struct {
 	Platforms []string `json:"platforms,omitempty"`
 	// PinUntil keeps the blobs from eviction until then; zero: no pin.
 	PinUntil time.Time `json:"pin_until,omitzero"`
+	// FromHolder are blobs another node is fetching into the bucket now
+	// (a pre-warm's node phase): each is streamed from the node whose
+	// fleet lease says it fetches it, found with one bucket read, before
+	// the bucket itself is asked.
+	FromHolder []digest.Digest `json:"from_holder,omitempty"`
 }
 
 // PrefetchAccepted is the answer to a prefetch request.
@@ -155,6 +161,17 @@ type NodeFacts struct {
 	PinnedBytes int64    `json:"pinned_bytes"`
 	Pins        int      `json:"pins"`
 	Upstreams   []string `json:"upstreams,omitempty"`
+	// Features are the prefetch request fields this node knows beyond the
+	// first version's, so a newer coordinator sends them only to nodes
+	// that will not refuse them as unknown.
+	Features []string `json:"features,omitempty"`
+}
+
+// FeatureFromHolder is a node that takes PrefetchRequest.FromHolder.
+const FeatureFromHolder = "from_holder"
+
+func (f *NodeFacts) has(feature string) bool {
+	return f != nil && slices.Contains(f.Features, feature)
 }
 
 // Platform is the os/arch[/variant] string of the node.

@@ -375,27 +375,44 @@ func TestFleetTakesOverAnExpiredLease(t *testing.T) {
 	})
 }
 
-// A host waiting on another's lease streams the blob from it when the
-// holder advertises a URL.
-func TestFleetStreamsFromTheLeaseHolder(t *testing.T) {
-	u := newUpstreamFake(t)
-	content := randomBytes(52, 1<<20)
-	d := u.pushBlob("org/app", content)
-	gate := make(chan struct{})
-	u.set("GET", blobPath("org/app", d), u.pauseAfter(128<<10, gate))
-	var holder *testEngine
-	peer := peerOf(t, &holder)
-	bucket := storage.NewMemory(storage.MemoryOptions{Holder: peer.URL})
-	holder = newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = bucket, peer.URL })
-	waiter := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = bucket.Host("waiter") })
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	hb, err := holder.Blob(ctx, holder.repo, d)
+// fetching is a host, advertised at its peer server's URL, whose download
+// of a fresh 1 MiB blob holds the blob's lease and waits for gate after
+// its first bytes; hb reads that download.
+type fetching struct {
+	u       *upstreamFake
+	content []byte
+	d       digest.Digest
+	gate    chan struct{}
+	holder  *testEngine
+	bucket  *storage.Memory
+	hb      *Blob
+}
+
+func startFetching(t *testing.T, ctx context.Context, seed int64) *fetching {
+	t.Helper()
+	f := &fetching{u: newUpstreamFake(t), content: randomBytes(seed, 1<<20), gate: make(chan struct{})}
+	f.d = f.u.pushBlob("org/app", f.content)
+	f.u.set("GET", blobPath("org/app", f.d), f.u.pauseAfter(128<<10, f.gate))
+	peer := peerOf(t, &f.holder)
+	f.bucket = storage.NewMemory(storage.MemoryOptions{Holder: peer.URL})
+	f.holder = newTestEngine(t, f.u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = f.bucket, peer.URL })
+	hb, err := f.holder.Blob(ctx, f.holder.repo, f.d)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer hb.Close()
-	wb, err := waiter.Blob(ctx, waiter.repo, d)
+	t.Cleanup(func() { hb.Close() })
+	f.hb = hb
+	return f
+}
+
+// A host waiting on another's lease streams the blob from it when the
+// holder advertises a URL.
+func TestFleetStreamsFromTheLeaseHolder(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	f := startFetching(t, ctx, 52)
+	waiter := newTestEngine(t, f.u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = f.bucket.Host("waiter") })
+	wb, err := waiter.Blob(ctx, waiter.repo, f.d)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -403,12 +420,12 @@ func TestFleetStreamsFromTheLeaseHolder(t *testing.T) {
 	if wb.Source != "peer" {
 		t.Fatalf("waiter's source %q, want peer", wb.Source)
 	}
-	close(gate)
+	close(f.gate)
 	got, err := io.ReadAll(wb)
-	if err != nil || !bytes.Equal(got, content) {
+	if err != nil || !bytes.Equal(got, f.content) {
 		t.Fatalf("waiter read %d bytes, %v", len(got), err)
 	}
-	if n := u.count("GET", blobPath("org/app", d)); n != 1 {
+	if n := f.u.count("GET", blobPath("org/app", f.d)); n != 1 {
 		t.Fatalf("upstream GETs %d, want 1", n)
 	}
 }

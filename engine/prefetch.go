@@ -16,10 +16,38 @@ import (
 // non-zero pinUntil the blob is kept from eviction until then (a later
 // Prefetch may extend it). A disk with no room for the blob is KindNoSpace.
 func (e *Engine) Prefetch(ctx context.Context, repo Repo, d digest.Digest, pinUntil time.Time) error {
+	return e.PrefetchWith(ctx, repo, d, PrefetchOptions{PinUntil: pinUntil})
+}
+
+// PrefetchOptions tune one PrefetchWith.
+type PrefetchOptions struct {
+	// PinUntil keeps the blob from eviction until then; zero: no pin.
+	PinUntil time.Time
+	// FromHolder says another host is probably fetching the blob right
+	// now (a pre-warm's nodes while its first node fills the bucket): a
+	// download this call starts reads the blob's lease first and streams
+	// from its holder, one bucket request where a miss, a failed lease
+	// write and that read are three. Without a live holder it goes on as
+	// usual.
+	FromHolder bool
+	// Started, if set, is called once, when the blob's download has its
+	// source (bytes flow) or the blob is found on disk.
+	Started func()
+}
+
+// PrefetchWith is Prefetch with options.
+func (e *Engine) PrefetchWith(ctx context.Context, repo Repo, d digest.Digest, o PrefetchOptions) error {
 	key := storage.Key{Upstream: repo.Upstream, Digest: d}
+	var once sync.Once
+	started := func() {
+		if o.Started != nil {
+			once.Do(o.Started)
+		}
+	}
 	for range 3 {
 		if _, ok := e.local.HasBlob(key); ok {
-			if e.pins.pin(key, pinUntil) {
+			if e.pins.pin(key, o.PinUntil) {
+				started()
 				return nil
 			}
 			continue // evicted between the check and the pin
@@ -28,12 +56,18 @@ func (e *Engine) Prefetch(ctx context.Context, repo Repo, d digest.Digest, pinUn
 		if err != nil {
 			return err
 		}
-		dl, _, err := e.join(ctx, key, up, repo.Name, false)
+		dl, _, err := e.join(ctx, key, up, repo.Name, false, o.FromHolder)
 		if err == errCachedMeanwhile {
 			continue
 		}
 		if err != nil {
 			return err
+		}
+		select {
+		case <-dl.started:
+			started()
+		case <-ctx.Done():
+			return ctx.Err()
 		}
 		select {
 		case <-dl.finished:

@@ -338,6 +338,13 @@ func testBucket(t *testing.T, newBucket func(t *testing.T) bucketUnderTest) {
 		if held.Name != name || held.Holder != "host-a:5000" || held.Expires.Before(time.Now().Add(50*time.Second)) {
 			t.Errorf("LeaseHeldError = %+v; want %s held by host-a:5000 about a minute out", held, name)
 		}
+		// Anyone can read who holds it, without taking it.
+		if h, err := b.LeaseHolder(ctx, name); err != nil || h != "host-a:5000" {
+			t.Errorf("LeaseHolder of a held lease = %q, %v; want host-a:5000", h, err)
+		}
+		if _, err := b.LeaseHolder(ctx, BlobLeaseName(Key{Upstream: "docker.io", Digest: digest.FromString("never leased")})); !errors.Is(err, ErrNotFound) {
+			t.Errorf("LeaseHolder of a lease never taken = %v, want ErrNotFound", err)
+		}
 		// The holder itself cannot take it twice either.
 		if _, err := a.AcquireLease(ctx, name, time.Minute); !errors.Is(err, ErrLeaseHeld) {
 			t.Errorf("re-acquiring a held lease = %v, want ErrLeaseHeld", err)
@@ -353,6 +360,9 @@ func testBucket(t *testing.T, newBucket func(t *testing.T) bucketUnderTest) {
 
 		if err := la.Release(ctx); err != nil {
 			t.Fatal(err)
+		}
+		if h, err := b.LeaseHolder(ctx, name); !errors.Is(err, ErrNotFound) {
+			t.Errorf("LeaseHolder of a released lease = %q, %v; want ErrNotFound", h, err)
 		}
 		lb, err := b.AcquireLease(ctx, name, time.Minute)
 		if err != nil {
@@ -430,6 +440,9 @@ func testBucket(t *testing.T, newBucket func(t *testing.T) bucketUnderTest) {
 			t.Fatalf("live short lease not held: %v", err)
 		}
 		f.wait(f.expired) // as if host-a died mid-fetch
+		if h, err := c.LeaseHolder(ctx, name); !errors.Is(err, ErrNotFound) {
+			t.Errorf("LeaseHolder of an expired lease = %q, %v; want ErrNotFound", h, err)
+		}
 		lb, err := b.AcquireLease(ctx, name, time.Minute)
 		if err != nil {
 			t.Fatalf("takeover of an expired lease: %v", err)

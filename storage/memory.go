@@ -46,7 +46,7 @@ type MemoryOptions struct {
 var memoryOps = []string{
 	"GetBlob", "StatBlob", "PutBlob", "PutBlobStream", "DeleteBlob",
 	"GetManifest", "PutManifest", "GetTag", "PutTag",
-	"AcquireLease", "RenewLease", "ReleaseLease", "Ping",
+	"AcquireLease", "RenewLease", "ReleaseLease", "LeaseHolder", "Ping",
 }
 
 var _ Bucket = (*Memory)(nil)
@@ -478,6 +478,24 @@ func (m *Memory) AcquireLease(ctx context.Context, name string, ttl time.Duratio
 	m.b.tokens++
 	m.b.leases[name] = &memLeaseRecord{holder: m.holder, token: m.b.tokens, version: m.b.tokens, expires: now.Add(ttl)}
 	return &memLease{m: m, name: name, ttl: ttl, token: m.b.tokens, tookOver: cur != nil}, nil
+}
+
+// LeaseHolder reads the named lease without taking it.
+func (m *Memory) LeaseHolder(ctx context.Context, name string) (string, error) {
+	if err := checkLeaseName(name); err != nil {
+		return "", err
+	}
+	if err := m.begin(ctx, "LeaseHolder"); err != nil {
+		return "", err
+	}
+	now := m.b.now()
+	m.b.mu.Lock()
+	defer m.b.mu.Unlock()
+	cur := m.b.leases[name]
+	if cur == nil || !now.Before(cur.expires) {
+		return "", fmt.Errorf("memory: lease %s: %w", name, ErrNotFound)
+	}
+	return cur.holder, nil
 }
 
 // TakeOver replaces the lease seen in held if it is still the same one.

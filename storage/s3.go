@@ -648,6 +648,26 @@ func (s *S3) AcquireLease(ctx context.Context, name string, ttl time.Duration) (
 	return nil, &LeaseHeldError{Name: name}
 }
 
+// LeaseHolder reads the named lease without taking it.
+func (s *S3) LeaseHolder(ctx context.Context, name string) (string, error) {
+	key, err := s.leaseKey(name)
+	if err != nil {
+		return "", err
+	}
+	cur, err := s.getSmall(ctx, key)
+	if isNotFound(err) {
+		return "", fmt.Errorf("s3: lease %s: %w", name, ErrNotFound)
+	}
+	if err != nil {
+		return "", s.opErr("read lease", key, err, nil)
+	}
+	var held leaseRecord
+	if json.Unmarshal(cur.body, &held) != nil || held.expired(cur.lastModified, cur.serverTime, time.Now()) {
+		return "", fmt.Errorf("s3: lease %s: %w", name, ErrNotFound)
+	}
+	return held.Holder, nil
+}
+
 // TakeOver replaces the lease held seen in, if its object is unchanged
 // since (If-Match on the ETag seen).
 func (s *S3) TakeOver(ctx context.Context, held *LeaseHeldError, ttl time.Duration) (Lease, error) {

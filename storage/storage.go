@@ -95,6 +95,11 @@ type Leases interface {
 	// returned it. It succeeds only while the lease is exactly as it was
 	// seen then: a holder that renewed it since keeps it (ErrLeaseHeld).
 	TakeOver(ctx context.Context, held *LeaseHeldError, ttl time.Duration) (Lease, error)
+	// LeaseHolder names the holder of the named lease while it is live,
+	// with one read and without taking it: a host that expects another to
+	// be fetching a blob finds where to stream it from. ErrNotFound when
+	// the lease is free (absent or expired).
+	LeaseHolder(ctx context.Context, name string) (string, error)
 }
 
 // Lease is one host's hold on a named lease.
