@@ -80,6 +80,7 @@ type JobRecord struct {
 	Updated   time.Time             `json:"updated"`
 	Finished  time.Time             `json:"finished,omitzero"`
 	Attempts  int                   `json:"attempts"`
+	Runner    string                `json:"runner,omitempty"` // the coordinator (its Holder) that runs or last ran it
 	Images    []Image               `json:"images,omitempty"`
 	RefErrors map[string]*ErrorInfo `json:"ref_errors,omitempty"`
 	Progress  map[string]Progress   `json:"progress,omitempty"`
@@ -415,8 +416,10 @@ func (s *Service) runJob(ctx context.Context, rj *runningJob, lease storage.Leas
 		log.Info("coordinator: resuming a job another coordinator left")
 	}
 	rj.rec.State = StateRunning
+	rj.rec.Runner = s.o.Holder
 	rec := rj.rec
 	rj.mu.Unlock()
+	log.WithField("attempt", rec.Attempts).Info("coordinator: running a job")
 	save := func() {
 		rj.mu.Lock()
 		r := rj.rec.clone()

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/berth-dev/berth/coordinator"
 	"github.com/berth-dev/berth/internal/testsupport"
 )
 
@@ -207,4 +208,109 @@ func TestCoordinatorWarmsOnPushAndNodesThatJoin(t *testing.T) {
 	if c.LogContains(pw.adminToken) {
 		t.Error("the coordinator logged a token")
 	}
+}
+
+// Two coordinators on one bucket: a job runs on one of them only (its
+// lease), and when that one is SIGKILLed the other takes the job over and
+// completes it.
+func TestTwoCoordinatorsRunAJobOnce(t *testing.T) {
+	f := newPWFleet(t)
+	img := PushImage(t, OCI, f.reg.Host, "org/big", "v1", 3<<20, 3)
+	nodes := f.nodes(t, 2)
+	coords := []*coordProc{
+		startCoordinator(t, f, testsupport.FreeAddr(t), "--nodes", nodeURLs(nodes)),
+		startCoordinator(t, f, testsupport.FreeAddr(t), "--nodes", nodeURLs(nodes)),
+	}
+	f.up.rate.Store(1 << 20) // each layer takes ~3s from the upstream
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	cl := &coordinator.Client{Base: coords[0].URL, Token: f.adminToken}
+	id, err := cl.Submit(ctx, coordinator.JobSpec{Refs: []string{"docker.io/org/big:v1"}, PinUntil: time.Now().Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// runs counts the coordinator's attempts at the job, from its log.
+	runs := func(c *coordProc) int { return countLines(c.Log(), "coordinator: running a job", "job="+id) }
+	// bucketPhases counts the unpinned prefetches (the bucket phase) the
+	// nodes were asked for; each run of the job asks one.
+	bucketPhases := func() int {
+		n := 0
+		for _, nd := range nodes {
+			n += countLines(nd.Log(), "pre-warm: job started", `pin_until="0001-01-01`)
+		}
+		return n
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for bucketPhases() == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no node was asked for the bucket phase; job %+v", coords[0].job(t, f.adminToken, id))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// Both coordinators poll the bucket every 200ms: give the second a few
+	// rounds in which it could wrongly run the job too.
+	time.Sleep(time.Second)
+	rec := coords[0].job(t, f.adminToken, id)
+	if rec == nil || rec["state"] != "running" {
+		t.Fatalf("job before the kill: %v (slow the upstream further if it ended)", rec)
+	}
+	var runner, other *coordProc
+	for i, c := range coords {
+		if runs(c) > 0 {
+			runner, other = c, coords[1-i]
+		}
+	}
+	if runner == nil || runs(runner) != 1 || runs(other) != 0 || bucketPhases() != 1 {
+		t.Fatalf("runs of the job: %d and %d by the two coordinators, %d bucket phases asked of the nodes; want one", runs(coords[0]), runs(coords[1]), bucketPhases())
+	}
+	if want := fmt.Sprintf("pid %d", runner.Cmd.Process.Pid); !strings.Contains(fmt.Sprint(rec["runner"]), want) {
+		t.Errorf("the job's runner is %v, want the coordinator with %s", rec["runner"], want)
+	}
+
+	if err := runner.Cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-runner.Exited()
+	t.Logf("killed the coordinator running job %s", id)
+	deadline = time.Now().Add(2 * time.Minute)
+	for {
+		rec = other.job(t, f.adminToken, id)
+		if rec != nil && rec["state"] == "succeeded" {
+			break
+		}
+		if time.Now().After(deadline) || (rec != nil && rec["state"] == "failed") {
+			other.ShowLog(t, 40)
+			t.Fatalf("job after the kill: %v", rec)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if want := fmt.Sprintf("pid %d", other.Cmd.Process.Pid); !strings.Contains(fmt.Sprint(rec["runner"]), want) || rec["attempts"].(float64) < 2 {
+		t.Errorf("job after the takeover: runner %v (want %s), attempts %v", rec["runner"], want, rec["attempts"])
+	}
+	if runs(other) != 1 || !other.LogContains("resuming a job another coordinator left") {
+		t.Errorf("the surviving coordinator ran the job %d times, or did not say it resumed it", runs(other))
+	}
+	f.up.checkBlobGETs(t, "a job taken over from a killed coordinator", img.Blobs(), 1)
+	for _, n := range nodes {
+		hostBlobs(t, n.Berth, img.Blobs())
+		if code, body := nodeGet(t, n.URL+"/berth/v1/warm", ""); code != 200 {
+			t.Errorf("%s warm: %d %s", n.Host, code, body)
+		}
+	}
+}
+
+// countLines counts the lines of log that contain every one of subs.
+func countLines(log string, subs ...string) int {
+	n := 0
+	for _, line := range strings.Split(log, "\n") {
+		all := true
+		for _, s := range subs {
+			all = all && strings.Contains(line, s)
+		}
+		if all {
+			n++
+		}
+	}
+	return n
 }
