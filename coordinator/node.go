@@ -530,6 +530,19 @@ func (j *job) setBlob(upstream string, d digest.Digest, state string, e *ErrorIn
 }
 
 func (n *Node) run(ctx context.Context, j *job) {
+	// The node fetching the from_holder blobs, found once for the job
+	// with one lease read (of the largest: its fetch runs longest), so
+	// each of them costs no bucket request.
+	var holder string
+	var largest *blobJob
+	for _, b := range j.blobs() {
+		if j.fromHolder[b.d] && (largest == nil || b.size > largest.size) {
+			largest = &b
+		}
+	}
+	if largest != nil {
+		holder = n.o.Engine.BlobHolder(ctx, largest.repo, largest.d)
+	}
 	work := make(chan blobJob)
 	var wg sync.WaitGroup
 	for range prefetchWorkers {
@@ -540,7 +553,7 @@ func (n *Node) run(ctx context.Context, j *job) {
 				// Running once bytes flow: the run that filled the bucket
 				// through this node starts the others then (Run).
 				err := n.o.Engine.PrefetchWith(ctx, b.repo, b.d, engine.PrefetchOptions{
-					PinUntil: j.pinUntil, FromHolder: j.fromHolder[b.d],
+					PinUntil: j.pinUntil, FromHolder: j.fromHolder[b.d], Holder: holder,
 					Started: func() { j.setBlob(b.repo.Upstream, b.d, StateRunning, nil) },
 				})
 				n.queue.Add(-1)

@@ -193,7 +193,7 @@ func Run(ctx context.Context, o RunOptions) RunResult {
 			defer func() { <-sem }()
 			start := time.Now()
 			req := PrefetchRequest{Images: o.Images, Platforms: platformsOf(i), PinUntil: o.PinUntil}
-			if facts[i].has(FeatureFromHolder) {
+			if u != res.Seed && facts[i].has(FeatureFromHolder) {
 				req.FromHolder = seed.fetching()
 			}
 			s, err := o.job(ctx, u, PhaseNode, req, safeReport, nil)

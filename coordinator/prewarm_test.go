@@ -124,6 +124,7 @@ func TestRunStartsNodesWhileTheSeedFetches(t *testing.T) {
 	other := startNode(t, up, "", 1<<30, nil)
 	var mu sync.Mutex
 	var asked []PrefetchRequest
+	var askedOf []*testNode
 	serve := func(n *testNode) string {
 		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.Method == http.MethodPost && r.URL.Path == "/berth/v1/prefetch" {
@@ -132,6 +133,7 @@ func TestRunStartsNodesWhileTheSeedFetches(t *testing.T) {
 				json.Unmarshal(b, &req)
 				mu.Lock()
 				asked = append(asked, req)
+				askedOf = append(askedOf, n)
 				mu.Unlock()
 				r.Body = io.NopCloser(bytes.NewReader(b))
 			}
@@ -163,9 +165,12 @@ func TestRunStartsNodesWhileTheSeedFetches(t *testing.T) {
 	if len(asked[0].FromHolder) != 0 {
 		t.Errorf("the bucket phase was told to stream from a holder: %v", asked[0].FromHolder)
 	}
-	for _, req := range asked[1:] {
-		if !slices.Contains(req.FromHolder, digest.Digest(slow.String())) {
-			t.Errorf("a node was not told the seed fetches %s: %v", slow, req.FromHolder)
+	for i, req := range asked[1:] {
+		switch fetching := slices.Contains(req.FromHolder, digest.Digest(slow.String())); {
+		case askedOf[i+1] == other && !fetching:
+			t.Errorf("the other node was not told the seed fetches %s: %v", slow, req.FromHolder)
+		case askedOf[i+1] == seed && len(req.FromHolder) > 0:
+			t.Errorf("the seed was told to stream from a holder: %v", req.FromHolder)
 		}
 	}
 }

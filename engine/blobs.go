@@ -103,7 +103,7 @@ func (e *Engine) Blob(ctx context.Context, repo Repo, d digest.Digest) (*Blob, e
 		if err != nil {
 			return nil, err
 		}
-		dl, rd, err := e.join(ctx, key, up, repo.Name, true, false)
+		dl, rd, err := e.join(ctx, key, up, repo.Name, true, holderHint{})
 		if errors.Is(err, errCachedMeanwhile) {
 			continue
 		}
@@ -183,9 +183,9 @@ func (e *Engine) uncached(ctx context.Context, key storage.Key, up *upstream, re
 var errCachedMeanwhile = errors.New("blob was cached meanwhile")
 
 // join attaches a reader (when read is true) to the blob's download,
-// starting one if none runs; a download it starts with holderFirst looks
-// for the blob's lease holder before the bucket (PrefetchOptions).
-func (e *Engine) join(ctx context.Context, key storage.Key, up *upstream, repo string, read, holderFirst bool) (*download, *reader, error) {
+// starting one if none runs; a download it starts looks for the blob's
+// lease holder before the bucket as hint says (PrefetchOptions).
+func (e *Engine) join(ctx context.Context, key storage.Key, up *upstream, repo string, read bool, hint holderHint) (*download, *reader, error) {
 	e.mu.Lock()
 	if dl, ok := e.downloads[key]; ok {
 		var rd *reader
@@ -212,13 +212,13 @@ func (e *Engine) join(ctx context.Context, key storage.Key, up *upstream, repo s
 	}
 	e.mu.Unlock()
 	e.metrics.lookups.WithLabelValues("blob", "miss").Inc()
-	e.goBackground(func() { e.fetch(dl, up, repo, holderFirst) })
+	e.goBackground(func() { e.fetch(dl, up, repo, hint) })
 	return dl, rd, nil
 }
 
 // fetch runs one download: find a source, write it to disk (or relay it
 // when the disk has no room), verify, commit, share with the fleet.
-func (e *Engine) fetch(dl *download, up *upstream, repo string, holderFirst bool) {
+func (e *Engine) fetch(dl *download, up *upstream, repo string, hint holderHint) {
 	e.metrics.inflight.Inc()
 	defer e.metrics.inflight.Dec()
 	log := e.log.WithFields(logrus.Fields{"upstream": up.host, "repo": repo, "digest": dl.key.Digest})
@@ -228,7 +228,7 @@ func (e *Engine) fetch(dl *download, up *upstream, repo string, holderFirst bool
 		e.mu.Unlock()
 		dl.finish(err, release)
 	}
-	src, err := e.openSource(e.life, dl.key, up, repo, holderFirst)
+	src, err := e.openSource(e.life, dl.key, up, repo, hint)
 	if err != nil {
 		e.mu.Lock()
 		delete(e.downloads, dl.key)

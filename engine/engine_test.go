@@ -385,6 +385,7 @@ type fetching struct {
 	gate    chan struct{}
 	holder  *testEngine
 	bucket  *storage.Memory
+	peer    string // the holder's URL
 	hb      *Blob
 }
 
@@ -394,7 +395,7 @@ func startFetching(t *testing.T, ctx context.Context, seed int64) *fetching {
 	f.d = f.u.pushBlob("org/app", f.content)
 	f.u.set("GET", blobPath("org/app", f.d), f.u.pauseAfter(128<<10, f.gate))
 	peer := peerOf(t, &f.holder)
-	f.bucket = storage.NewMemory(storage.MemoryOptions{Holder: peer.URL})
+	f.bucket, f.peer = storage.NewMemory(storage.MemoryOptions{Holder: peer.URL}), peer.URL
 	f.holder = newTestEngine(t, f.u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = f.bucket, peer.URL })
 	hb, err := f.holder.Blob(ctx, f.holder.repo, f.d)
 	if err != nil {

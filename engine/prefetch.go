@@ -30,6 +30,12 @@ type PrefetchOptions struct {
 	// write and that read are three. Without a live holder it goes on as
 	// usual.
 	FromHolder bool
+	// Holder is a berth BlobHolder named for another blob of the same
+	// work (a pre-warm job whose blobs one node fetches): with FromHolder
+	// the blob is asked of it first, with no bucket request at all; one
+	// that has neither the blob nor its download sends this call the
+	// FromHolder way.
+	Holder string
 	// Started, if set, is called once, when the blob's download has its
 	// source (bytes flow) or the blob is found on disk.
 	Started func()
@@ -56,7 +62,11 @@ func (e *Engine) PrefetchWith(ctx context.Context, repo Repo, d digest.Digest, o
 		if err != nil {
 			return err
 		}
-		dl, _, err := e.join(ctx, key, up, repo.Name, false, o.FromHolder)
+		hint := holderHint{lookup: o.FromHolder}
+		if o.FromHolder {
+			hint.holder = o.Holder
+		}
+		dl, _, err := e.join(ctx, key, up, repo.Name, false, hint)
 		if err == errCachedMeanwhile {
 			continue
 		}
@@ -85,6 +95,17 @@ func (e *Engine) PrefetchWith(ctx context.Context, repo Repo, d digest.Digest, o
 		}
 	}
 	return &Error{Kind: KindInternal, Msg: "blob " + d.String() + " kept vanishing from the cache"}
+}
+
+// BlobHolder names the berth (its advertised URL) that holds blob d's
+// fleet lease, fetching it now, with one bucket read; "" when none does,
+// the holder advertises no URL, or this host has no bucket.
+func (e *Engine) BlobHolder(ctx context.Context, repo Repo, d digest.Digest) string {
+	b := e.fleet.use()
+	if b == nil {
+		return ""
+	}
+	return e.leaseHolderURL(ctx, b, storage.Key{Upstream: repo.Upstream, Digest: d})
 }
 
 // pinSet holds the pins Prefetch made, each until its time.

@@ -11,14 +11,20 @@ import (
 
 // A prefetch told that another host is fetching the blob reads the blob's
 // lease once and streams from its holder mid-download: no bucket miss, no
-// failed lease write, and the upstream still sends the blob once. Without
-// a holder it falls back to the usual way.
+// failed lease write, and the upstream still sends the blob once. Told the
+// holder (BlobHolder) it asks the bucket nothing; without a holder it
+// falls back to the usual way.
 func TestPrefetchFromHolderStreamsFromTheFetchingHost(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
 	f := startFetching(t, ctx, 71)
 	view := f.bucket.Host("waiter")
 	waiter := newTestEngine(t, f.u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = view })
+	toldView := f.bucket.Host("told")
+	told := newTestEngine(t, f.u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = toldView })
+	if h := told.BlobHolder(ctx, told.repo, f.d); h != f.peer {
+		t.Fatalf("BlobHolder = %q, want %s", h, f.peer)
+	}
 	started := make(chan struct{})
 	done := make(chan error, 1)
 	go func() {
@@ -45,6 +51,15 @@ func TestPrefetchFromHolderStreamsFromTheFetchingHost(t *testing.T) {
 	}
 	if n := view.Requests(""); n != 1 || view.Requests("LeaseHolder") != 1 {
 		t.Errorf("the waiter asked the bucket %d times (%d lease reads), want one lease read", n, view.Requests("LeaseHolder"))
+	}
+
+	// Told the holder, a prefetch asks the bucket nothing more.
+	before := toldView.Requests("")
+	if err := told.PrefetchWith(ctx, told.repo, f.d, PrefetchOptions{FromHolder: true, Holder: f.peer}); err != nil {
+		t.Fatal(err)
+	}
+	if n := toldView.Requests("") - before; n != 0 {
+		t.Errorf("a prefetch told the holder asked the bucket %d times", n)
 	}
 
 	// No holder: the usual way, from the bucket the holder filled.

@@ -32,14 +32,20 @@ type source struct {
 // openSource finds a blob for a download: the bucket, else the upstream
 // under the fleet's lease, else (lease held elsewhere) the holder's berth
 // when it advertises a URL, else the bucket once the holder has put it there.
-// With holderFirst the holder is looked for first.
-func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, repo string, holderFirst bool) (source, error) {
+// A hint sends it to the holder first.
+func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, repo string, hint holderHint) (source, error) {
 	f := e.fleet
 	b := f.use()
 	if b == nil {
 		return e.openUpstreamBlob(ctx, key, up, repo)
 	}
-	if holderFirst {
+	if hint.holder != "" && hint.holder != f.self {
+		if src, err := e.openPeerAt(ctx, hint.holder, key, repo, 0); err == nil {
+			f.avoided.WithLabelValues("blob").Inc()
+			return src, nil
+		}
+	}
+	if hint.lookup {
 		if src, ok := e.openHolder(ctx, b, key, repo); ok {
 			return src, nil
 		}
@@ -133,19 +139,37 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 	}
 }
 
-// openHolder streams a blob from the host whose lease says it is fetching
-// it, found with one read of the lease, where the usual way costs a bucket
-// miss and a failed lease write before that read. False when the lease is
-// free or its holder cannot serve the blob: the caller looks as usual.
-func (e *Engine) openHolder(ctx context.Context, b storage.Bucket, key storage.Key, repo string) (source, bool) {
+// holderHint is where a download looks before the bucket: the berth at
+// holder (a URL read from a lease in the bucket), then, with lookup, the
+// holder its own blob's lease names.
+type holderHint struct {
+	holder string
+	lookup bool
+}
+
+// leaseHolderURL reads the berth that holds key's lease, "" when the lease
+// is free or its holder is not another berth's URL.
+func (e *Engine) leaseHolderURL(ctx context.Context, b storage.Bucket, key storage.Key) string {
 	holder, err := b.LeaseHolder(ctx, storage.BlobLeaseName(key))
 	if err != nil {
 		if !errors.Is(err, storage.ErrNotFound) {
 			e.fleet.failed("read lease", err)
 		}
-		return source{}, false
+		return ""
 	}
 	if !isURL(holder) || holder == e.fleet.self {
+		return ""
+	}
+	return holder
+}
+
+// openHolder streams a blob from the host whose lease says it is fetching
+// it, found with one read of the lease, where the usual way costs a bucket
+// miss and a failed lease write before that read. False when the lease is
+// free or its holder cannot serve the blob: the caller looks as usual.
+func (e *Engine) openHolder(ctx context.Context, b storage.Bucket, key storage.Key, repo string) (source, bool) {
+	holder := e.leaseHolderURL(ctx, b, key)
+	if holder == "" {
 		return source{}, false
 	}
 	src, err := e.openPeerAt(ctx, holder, key, repo, 0)
