@@ -30,7 +30,8 @@ type s3Counter struct {
 	detail    map[string]int64 // by operation, kind of object and status
 	blobReads int64            // successful GETs of blob content
 	leases    leaseLedger
-	last      time.Time // of the last request but a health check
+	inflight  int       // requests whose answer is not through yet
+	last      time.Time // when the last request but a health check ended
 }
 
 // leaseLedger tells blob lease renewals from the other lease writes and
@@ -143,7 +144,20 @@ func startS3Counter(target string) (*s3Counter, error) {
 			w.WriteHeader(http.StatusBadGateway)
 		},
 	}
+	// A request counts as ended once its whole body has passed both ways:
+	// a multipart upload's part may take seconds.
 	c.srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		c.mu.Lock()
+		c.inflight++
+		c.mu.Unlock()
+		defer func() {
+			c.mu.Lock()
+			c.inflight--
+			if s3Op(r) != "HeadBucket" {
+				c.last = time.Now()
+			}
+			c.mu.Unlock()
+		}()
 		rp.ServeHTTP(w, leaseHolder(r))
 	})}
 	go c.srv.Serve(ln)
@@ -227,9 +241,6 @@ func (c *s3Counter) record(r *http.Request, status int, etag string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.ops[op]++
-	if op != "HeadBucket" {
-		c.last = time.Now()
-	}
 	c.detail[fmt.Sprintf("%s %s %d", op, kind, status)]++
 	// Blob leases are the ones renewed; a tag's lease lives 30s unrenewed.
 	if kind == "leases" && strings.Contains(r.URL.Path, "/leases/blobs/") {
@@ -275,21 +286,26 @@ type s3Counts struct {
 	leaseSecs float64 // how long blob leases were held, summed over leases
 }
 
-// settle waits until the mirrors have sent no request but their periodic
-// health checks for quiet, so work they finish after answering (an
-// upload to the bucket) is counted too; at most until ctx ends.
+// settle waits until no request is in flight and the mirrors have sent
+// none but their periodic health checks for quiet, so work they finish
+// after answering (an upload to the bucket) is counted too; at most until
+// ctx ends.
 func (c *s3Counter) settle(ctx context.Context, quiet time.Duration) {
 	for {
 		c.mu.Lock()
-		idle := time.Since(c.last)
+		idle, busy := time.Since(c.last), c.inflight > 0
 		c.mu.Unlock()
-		if idle >= quiet {
+		if !busy && idle >= quiet {
 			return
+		}
+		wait := quiet / 10
+		if !busy {
+			wait = quiet - idle
 		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(quiet - idle):
+		case <-time.After(wait):
 		}
 	}
 }

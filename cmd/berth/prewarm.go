@@ -90,7 +90,7 @@ func prewarmFlags(o *prewarmOptions, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.tokenFile, "token-file", os.Getenv("BERTH_PREWARM_TOKEN_FILE"), "`FILE` whose first token is sent to the nodes or the coordinator (their admin_token_file) [$BERTH_PREWARM_TOKEN_FILE]")
 	fs.StringVar(&o.coordinator, "coordinator", "", "hand the job to the coordinator at `URL` and follow it there")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: berth prewarm [flags] [IMAGE...]\n\nResolves every image reference to a digest once, fills the fleet's bucket\nthrough one node, then has every node put the images on its disk.\nExit status: 0 the --require policy is met, 1 it is not (the nodes and reasons\nare named), 2 bad usage.\n\nFlags:")
+		fmt.Fprintln(stderr, "Usage: berth prewarm [flags] [IMAGE...]\n\nResolves every image reference to a digest once, fills the fleet's bucket\nthrough one node and, once that node has every blob under way, has every\nnode put the images on its disk, streaming what it still fetches from it.\nExit status: 0 the --require policy is met, 1 it is not (the nodes and reasons\nare named), 2 bad usage.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	return fs
