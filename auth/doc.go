@@ -13,8 +13,11 @@
 // verified against a CA (ServerTLS). A host calling its peers presents the
 // same credentials through a PeerTransport.
 //
-// Every credential here can be re-read while berth runs (the Reload methods,
-// called on SIGHUP); a reload that fails keeps what was in force before and
-// returns the error. No error or log line from this package contains a
-// token, a password or a key.
+// Every credential here can be re-read while berth runs (on SIGHUP) in two
+// steps: Prepare reads and checks the files and returns an apply func that
+// cannot fail; nothing changes until it is called. A reload of several
+// credentials prepares them all and applies them only when every one is
+// ready, so a file that cannot be used leaves all of them as they were. No
+// error or log line from this package contains a token, a password or a
+// key.
 package auth

@@ -84,8 +84,8 @@ type PeerOptions struct {
 
 // PeerTransport is the http.RoundTripper for requests to peers' fleet ports:
 // it adds the current fleet token and speaks TLS with the fleet's CA and
-// this host's client certificate. Reload re-reads the TLS files; the token
-// follows Tokens.Reload at once.
+// this host's client certificate. Prepare re-reads the TLS files; the token
+// is the one its Tokens has in force at each request.
 type PeerTransport struct {
 	opts PeerOptions
 	cur  atomic.Pointer[http.Transport]
@@ -94,19 +94,23 @@ type PeerTransport struct {
 // NewPeerTransport reads the TLS files of o and builds the transport.
 func NewPeerTransport(o PeerOptions) (*PeerTransport, error) {
 	p := &PeerTransport{opts: o}
-	if err := p.Reload(); err != nil {
+	apply, err := p.Prepare()
+	if err != nil {
 		return nil, err
 	}
+	apply()
 	return p, nil
 }
 
-// Reload re-reads the CA, certificate and key files. On error the transport
-// in force stays, and the error says which file was not taken. Requests in
-// flight finish on the connections they have; new ones use the new files.
-func (p *PeerTransport) Reload() error {
+// Prepare re-reads the CA, certificate and key files and returns the func
+// that puts the transport built on them in force. On error the error says
+// which file was not taken; until apply the transport in force stays.
+// Requests in flight finish on the connections they have; new ones use the
+// new files.
+func (p *PeerTransport) Prepare() (apply func(), err error) {
 	conf, err := ClientTLSConfig(p.opts.CAFile, p.opts.CertFile, p.opts.KeyFile, p.opts.ServerName)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var t *http.Transport
 	if p.opts.Base != nil {
@@ -116,10 +120,11 @@ func (p *PeerTransport) Reload() error {
 	}
 	t.TLSClientConfig = conf
 	t.ForceAttemptHTTP2 = false // the fleet port speaks HTTP/1.1 (see ServerTLS)
-	if old := p.cur.Swap(t); old != nil {
-		old.CloseIdleConnections()
-	}
-	return nil
+	return func() {
+		if old := p.cur.Swap(t); old != nil {
+			old.CloseIdleConnections()
+		}
+	}, nil
 }
 
 // RoundTrip sends r with the current fleet token.

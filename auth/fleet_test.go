@@ -139,7 +139,7 @@ func TestPeerTransportSendsTheCurrentToken(t *testing.T) {
 	reload := func(toks *Tokens, path, body string) {
 		t.Helper()
 		writeFile(t, strings.TrimSuffix(path, "/tokens"), "tokens", body)
-		if err := toks.Reload(); err != nil {
+		if err := prepareAndApply(toks); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -330,7 +330,7 @@ func TestServerTLSReload(t *testing.T) {
 	// old pair stays in use.
 	renewed := f.ca.issue(t, "node-1")
 	writeFile(t, f.dir, "tls.crt", renewed.certPEM)
-	err := f.st.Reload()
+	err := prepareAndApply(f.st)
 	if err == nil || !strings.Contains(err.Error(), "does not match") || strings.Contains(err.Error(), "PRIVATE KEY") {
 		t.Fatalf("mismatched reload: %v", err)
 	}
@@ -340,7 +340,7 @@ func TestServerTLSReload(t *testing.T) {
 	// A missing key, an empty client CA: the same.
 	writeFile(t, f.dir, "tls.key", renewed.keyPEM)
 	writeFile(t, f.dir, "ca.crt", "not a certificate\n")
-	if err := f.st.Reload(); err == nil || !strings.Contains(err.Error(), "no PEM certificates") {
+	if err := prepareAndApply(f.st); err == nil || !strings.Contains(err.Error(), "no PEM certificates") {
 		t.Fatalf("empty client CA: %v", err)
 	}
 	if s := servedSerial(t, url, peerConf); s != f.srvLeaf.serial {
@@ -351,7 +351,7 @@ func TestServerTLSReload(t *testing.T) {
 	// the new certificate, and the old CA's clients are refused.
 	ca2 := newCA(t, "next CA")
 	writeFile(t, f.dir, "ca.crt", ca2.pem)
-	if err := f.st.Reload(); err != nil {
+	if err := prepareAndApply(f.st); err != nil {
 		t.Fatal(err)
 	}
 	if resp, err := client(peerConf).Get(url + "/v2/"); err == nil {
@@ -366,18 +366,43 @@ func TestServerTLSReload(t *testing.T) {
 	}
 }
 
+// fleetPort is a fleet port over mutual TLS with a token file, and a
+// PeerTransport calling it with both, over new connections every time.
+type fleetPort struct {
+	*mtlsFixture
+	toks *Tokens
+	url  string
+	base *http.Transport // the PeerTransport's
+	pt   *PeerTransport
+}
+
+func newFleetPort(t *testing.T) *fleetPort {
+	t.Helper()
+	fp := &fleetPort{mtlsFixture: newMTLS(t, true), base: &http.Transport{DisableKeepAlives: true}}
+	var err error
+	if fp.toks, err = LoadTokens(writeFile(t, fp.dir, "tokens", tokA+"\n")); err != nil {
+		t.Fatal(err)
+	}
+	fp.url = serveTLS(t, fp.st.Config(), RequireFleetCredential(fp.toks, &ok{}))
+	fp.pt, err = NewPeerTransport(PeerOptions{Base: fp.base, Tokens: fp.toks, CAFile: fp.rootFile, CertFile: fp.clientCert, KeyFile: fp.clientKey, ServerName: "berth-fleet"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return fp
+}
+
+// peerGet is a GET of /v2/ through the PeerTransport.
+func (fp *fleetPort) peerGet() error {
+	resp, err := (&http.Client{Transport: fp.pt}).Get(fp.url + "/v2/")
+	if err == nil {
+		resp.Body.Close()
+	}
+	return err
+}
+
 func TestPeerTransportTLS(t *testing.T) {
-	f := newMTLS(t, true)
-	toks, err := LoadTokens(writeFile(t, f.dir, "tokens", tokA+"\n"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	url := serveTLS(t, f.st.Config(), RequireFleetCredential(toks, &ok{}))
-	base := &http.Transport{DisableKeepAlives: true}
-	pt, err := NewPeerTransport(PeerOptions{Base: base, Tokens: toks, CAFile: f.rootFile, CertFile: f.clientCert, KeyFile: f.clientKey, ServerName: "berth-fleet"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	fp := newFleetPort(t)
+	f, url, base, pt := fp.mtlsFixture, fp.url, fp.base, fp.pt
 	if base.TLSClientConfig != nil && len(base.TLSClientConfig.Certificates) > 0 {
 		t.Fatal("NewPeerTransport put its certificate on its base transport")
 	}
@@ -395,8 +420,8 @@ func TestPeerTransportTLS(t *testing.T) {
 	if err := writeFileErr(f.clientKey); err != nil {
 		t.Fatal(err)
 	}
-	if err := pt.Reload(); err == nil {
-		t.Fatal("Reload with a missing key succeeded")
+	if err := prepareAndApply(pt); err == nil {
+		t.Fatal("a reload with a missing key succeeded")
 	}
 	resp, err = c.Get(url + "/v2/")
 	if err != nil {

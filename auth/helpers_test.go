@@ -143,3 +143,19 @@ var discardLog = log.New(io.Discard, "", 0)
 
 // writeFileErr removes a file, as an operator's mistake would.
 func writeFileErr(path string) error { return os.Remove(path) }
+
+// preparer is every credential here: what SIGHUP reloads.
+type preparer interface {
+	Prepare() (apply func(), err error)
+}
+
+// prepareAndApply is what a SIGHUP does to one credential: prepare it and,
+// when it is ready, put it in force.
+func prepareAndApply(p preparer) error {
+	apply, err := p.Prepare()
+	if err != nil {
+		return err
+	}
+	apply()
+	return nil
+}

@@ -24,7 +24,7 @@ const DefaultRealm = "berth"
 // distribution's own registry/auth/htpasswd.
 //
 // distribution re-reads the file by itself when its modification time
-// changes; Reload (SIGHUP) checks the file first and reports what is wrong.
+// changes; Prepare (SIGHUP) checks the file first and reports what is wrong.
 // Either way a file that cannot be parsed leaves the users read before in
 // force.
 type HTPasswd struct {
@@ -44,26 +44,29 @@ func NewHTPasswd(path, realm string) (*HTPasswd, error) {
 		realm = DefaultRealm
 	}
 	h := &HTPasswd{path: path, realm: realm}
-	if err := h.Reload(); err != nil {
+	apply, err := h.Prepare()
+	if err != nil {
 		return nil, err
 	}
+	apply()
 	return h, nil
 }
 
 // Realm is the realm of the Basic challenge.
 func (h *HTPasswd) Realm() string { return h.realm }
 
-// Reload checks the file again and rebuilds the checker over it. On error
-// the checker in force stays and the error says what is wrong.
-func (h *HTPasswd) Reload() error {
+// Prepare checks the file again, builds a checker over it and returns the
+// func that puts that checker in force. On error the error says what is
+// wrong; until apply the checker in force stays.
+func (h *HTPasswd) Prepare() (apply func(), err error) {
 	if err := CheckHTPasswd(h.path); err != nil {
-		return err
+		return nil, err
 	}
 	// The file exists now: distribution's controller would otherwise create
 	// one with a random password, and log it.
 	ac, err := registryauth.GetAccessController("htpasswd", map[string]any{"realm": h.realm, "path": h.path})
 	if err != nil {
-		return fmt.Errorf("%s: %v", h.path, err)
+		return nil, fmt.Errorf("%s: %v", h.path, err)
 	}
 	// distribution reads the file at the first request; have it read the
 	// file now, while it is the one just checked, so that the users in force
@@ -74,10 +77,9 @@ func (h *HTPasswd) Reload() error {
 	probe.SetBasicAuth("", "")
 	var ch registryauth.Challenge
 	if _, err := ac.Authorized(probe); err != nil && !errors.As(err, &ch) {
-		return h.safeError(err)
+		return nil, h.safeError(err)
 	}
-	h.ac.Store(&ac)
-	return nil
+	return func() { h.ac.Store(&ac) }, nil
 }
 
 // CheckHTPasswd reads an htpasswd file and reports, naming the file and the

@@ -206,8 +206,8 @@ func TestHTPasswdReload(t *testing.T) {
 	// the first request after the edit and after it.
 	writeFile(t, dir, "htpasswd", "alice\n"+htpasswdLine(t, "bob", bobPassword))
 	touch(time.Minute)
-	if err := h.Reload(); err == nil || !strings.Contains(err.Error(), "line 1: not USER:HASH") {
-		t.Fatalf("Reload of a broken file: %v", err)
+	if err := prepareAndApply(h); err == nil || !strings.Contains(err.Error(), "line 1: not USER:HASH") {
+		t.Fatalf("reload of a broken file: %v", err)
 	}
 	for i := 0; i < 2; i++ {
 		if s := status("alice", alicePassword); s != 200 {
@@ -221,7 +221,7 @@ func TestHTPasswdReload(t *testing.T) {
 	// A good edit: bob in, alice out.
 	writeFile(t, dir, "htpasswd", htpasswdLine(t, "bob", bobPassword))
 	touch(2 * time.Minute)
-	if err := h.Reload(); err != nil {
+	if err := prepareAndApply(h); err != nil {
 		t.Fatal(err)
 	}
 	if s := status("bob", bobPassword); s != 200 {
@@ -231,13 +231,13 @@ func TestHTPasswdReload(t *testing.T) {
 		t.Fatalf("alice after reload: %d", s)
 	}
 
-	// The file removed: refused, reported without a password; Reload
+	// The file removed: refused, reported without a password; a reload
 	// keeps the checker.
 	if err := os.Remove(p); err != nil {
 		t.Fatal(err)
 	}
-	if err := h.Reload(); !os.IsNotExist(err) {
-		t.Fatalf("Reload of a removed file: %v", err)
+	if err := prepareAndApply(h); !os.IsNotExist(err) {
+		t.Fatalf("reload of a removed file: %v", err)
 	}
 	if s := status("bob", bobPassword); s != 401 {
 		t.Fatalf("with the file gone: %d", s)

@@ -14,7 +14,7 @@ import (
 // a client CA, which makes the port require a client certificate signed by
 // it (mutual TLS): a client without one cannot complete the handshake.
 //
-// The files are read again by Reload; the *tls.Config from Config picks the
+// The files are read again by Prepare; the *tls.Config from Config picks the
 // material in force for every new connection (GetConfigForClient), so a
 // reload needs no restart and connections already open are not cut.
 type ServerTLS struct {
@@ -26,19 +26,22 @@ type ServerTLS struct {
 // unless it is "".
 func NewServerTLS(certFile, keyFile, clientCAFile string) (*ServerTLS, error) {
 	s := &ServerTLS{certFile: certFile, keyFile: keyFile, clientCAFile: clientCAFile}
-	if err := s.Reload(); err != nil {
+	apply, err := s.Prepare()
+	if err != nil {
 		return nil, err
 	}
+	apply()
 	return s, nil
 }
 
-// Reload re-reads the files. If the certificate does not match its key, or
-// a file is missing or holds nothing usable, the material in force stays
-// and the error says why.
-func (s *ServerTLS) Reload() error {
+// Prepare re-reads the files and returns the func that puts them in force
+// for new connections. If the certificate does not match its key, or a
+// file is missing or holds nothing usable, the error says why; the
+// material in force stays until apply is called.
+func (s *ServerTLS) Prepare() (apply func(), err error) {
 	cert, err := LoadKeyPair(s.certFile, s.keyFile)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	conf := &tls.Config{
 		Certificates: []tls.Certificate{cert},
@@ -50,13 +53,12 @@ func (s *ServerTLS) Reload() error {
 	if s.clientCAFile != "" {
 		pool, err := LoadCertPool(s.clientCAFile)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		conf.ClientCAs = pool
 		conf.ClientAuth = tls.RequireAndVerifyClientCert
 	}
-	s.cur.Store(conf)
-	return nil
+	return func() { s.cur.Store(conf) }, nil
 }
 
 // Mutual reports whether the port requires client certificates.

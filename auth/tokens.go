@@ -20,7 +20,7 @@ const MinTokenLength = 16
 // file is accepted, so during a rotation the old and the new token are both
 // valid and no request is refused; the first one is the token this host
 // presents to its peers (Current). Tokens is safe for concurrent use, and
-// Reload swaps the whole set at once.
+// the func from Prepare swaps the whole set at once.
 type Tokens struct {
 	path string
 	set  atomic.Pointer[tokenSet]
@@ -35,21 +35,24 @@ type tokenSet struct {
 // for a bad token, its line, never the token.
 func LoadTokens(path string) (*Tokens, error) {
 	t := &Tokens{path: path}
-	if err := t.Reload(); err != nil {
+	apply, err := t.Prepare()
+	if err != nil {
 		return nil, err
 	}
+	apply()
 	return t, nil
 }
 
-// Reload reads the file again. On error the tokens in force stay so, and
-// the error says why the file was not taken.
-func (t *Tokens) Reload() error {
+// Prepare reads the file again and returns the func that puts its tokens
+// in force; until that is called, and whenever the file cannot be used,
+// the tokens in force stay, so a reload of several files can be given up
+// as a whole. The error says why the file was not taken.
+func (t *Tokens) Prepare() (apply func(), err error) {
 	s, err := readTokens(t.path)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	t.set.Store(s)
-	return nil
+	return func() { t.set.Store(s) }, nil
 }
 
 // Path is the token file's name.

@@ -80,15 +80,15 @@ func TestTokensReloadKeepsOldOnError(t *testing.T) {
 		"bad":     func() { writeFile(t, dir, "tokens", tokB+"\nshort\n") },
 	} {
 		change()
-		if err := toks.Reload(); err == nil {
-			t.Errorf("%s: Reload succeeded", name)
+		if err := prepareAndApply(toks); err == nil {
+			t.Errorf("%s: the reload succeeded", name)
 		}
 		if !toks.Valid(tokA) || toks.Valid(tokB) || toks.Current() != tokA {
 			t.Errorf("%s: a failed reload changed the tokens in force", name)
 		}
 	}
 	writeFile(t, dir, "tokens", tokB+"\n")
-	if err := toks.Reload(); err != nil {
+	if err := prepareAndApply(toks); err != nil {
 		t.Fatal(err)
 	}
 	if toks.Valid(tokA) || !toks.Valid(tokB) || toks.Current() != tokB {
@@ -116,7 +116,7 @@ func TestTokenRotationHasNoGap(t *testing.T) {
 	}
 	for i, s := range steps {
 		writeFile(t, dir, "tokens", s.file)
-		if err := toks.Reload(); err != nil {
+		if err := prepareAndApply(toks); err != nil {
 			t.Fatal(err)
 		}
 		if toks.Current() != s.sends {
@@ -201,7 +201,7 @@ func TestTokensConcurrentReload(t *testing.T) {
 		if err := os.Rename(dir+"/tokens.new", p); err != nil {
 			t.Fatal(err)
 		}
-		if err := toks.Reload(); err != nil {
+		if err := prepareAndApply(toks); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -19,7 +19,7 @@ import (
 
 // Options builds an Engine in one step.
 type Options struct {
-	Config  *config.Config        // upstreams, TTLs; Reload swaps it
+	Config  *config.Config        // upstreams, TTLs; Prepare's apply swaps it
 	Local   *storage.Local        // the host's disk
 	Bucket  storage.Bucket        // the fleet's bucket; nil: no fleet tier
 	Log     *logrus.Entry         // nil: discard
@@ -73,7 +73,7 @@ type Engine struct {
 	cfg      *config.Config
 	ups      map[string]*upstream
 	// The idle timeouts start as Options says and follow the configuration
-	// on Reload; downloads read them on every chunk, hence atomics.
+	// on reload; downloads read them on every chunk, hence atomics.
 	sourceIdle, peerIdle atomic.Int64
 
 	bgMu     sync.Mutex
@@ -134,10 +134,12 @@ func New(o Options) (*Engine, error) {
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 	}
 	e.life, e.cancel = context.WithCancel(context.Background())
-	if err := e.setConfig(o.Config); err != nil {
+	ups, err := e.newUpstreams(o.Config)
+	if err != nil {
 		e.cancel()
 		return nil, err
 	}
+	e.setConfig(o.Config.Clone(), ups)
 	e.metrics = newMetrics(o.Metrics, o.Local, e)
 	if o.Bucket != nil {
 		e.fleet = newFleet(e, o.Bucket, o.LeaseTTL, o.Advertise, o.Metrics)
@@ -154,38 +156,51 @@ type ioDiscard struct{}
 
 func (ioDiscard) Write(p []byte) (int, error) { return len(p), nil }
 
-// Reload swaps in new upstreams, TTLs and idle timeouts; work in progress
-// finishes with the old upstreams, and running downloads take the new idle
-// timeouts from their next chunk.
-func (e *Engine) Reload(cfg *config.Config) error {
-	if err := e.setConfig(cfg); err != nil {
-		return err
+// Prepare builds the upstreams of cfg (their CA files read) and returns
+// the func that swaps in cfg's upstreams, TTLs and idle timeouts. Nothing
+// changes until apply, so a reload can still be given up when another part
+// of it fails. After apply, work in progress finishes with the old
+// upstreams, and running downloads take the new idle timeouts from their
+// next chunk.
+func (e *Engine) Prepare(cfg *config.Config) (apply func(), err error) {
+	ups, err := e.newUpstreams(cfg)
+	if err != nil {
+		return nil, err
 	}
-	// At New, Options carries the idle timeouts; from then on the
-	// configuration does.
-	if d := cfg.SourceIdleTimeout.D(); d > 0 {
-		e.sourceIdle.Store(int64(d))
-	}
-	if d := cfg.PeerIdleTimeout.D(); d > 0 {
-		e.peerIdle.Store(int64(d))
-	}
-	return nil
+	cfg = cfg.Clone()
+	return func() {
+		e.setConfig(cfg, ups)
+		// At New, Options carries the idle timeouts; from then on the
+		// configuration does.
+		if d := cfg.SourceIdleTimeout.D(); d > 0 {
+			e.sourceIdle.Store(int64(d))
+		}
+		if d := cfg.PeerIdleTimeout.D(); d > 0 {
+			e.peerIdle.Store(int64(d))
+		}
+	}, nil
 }
 
-func (e *Engine) setConfig(cfg *config.Config) error {
+// newUpstreams builds cfg's upstreams; it starts nothing, so upstreams
+// that are never put in force need no cleaning up.
+func (e *Engine) newUpstreams(cfg *config.Config) (map[string]*upstream, error) {
 	ups := map[string]*upstream{}
 	for host, c := range cfg.Upstreams {
 		u, err := newUpstream(e.life, host, c)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		ups[host] = u
 	}
+	return ups, nil
+}
+
+// setConfig puts cfg, which no caller holds, and its upstreams in force.
+func (e *Engine) setConfig(cfg *config.Config, ups map[string]*upstream) {
 	e.settings.Lock()
-	e.cfg, e.ups = cfg.Clone(), ups
+	e.cfg, e.ups = cfg, ups
 	e.settings.Unlock()
 	e.tagLists.clear()
-	return nil
 }
 
 func (e *Engine) config() (*config.Config, map[string]*upstream) {

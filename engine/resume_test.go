@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -235,9 +236,14 @@ func TestReloadAppliesIdleTimeouts(t *testing.T) {
 	cfg, _ := e.config()
 	cfg = cfg.Clone()
 	cfg.SourceIdleTimeout, cfg.PeerIdleTimeout = config.Duration(300*time.Millisecond), config.Duration(200*time.Millisecond)
-	if err := e.Reload(cfg); err != nil {
+	apply, err := e.Prepare(cfg)
+	if err != nil {
 		t.Fatal(err)
 	}
+	if got := e.idleTimeout(source{label: "peer"}); got != time.Hour {
+		t.Fatalf("peer idle timeout before apply %v, want the hour in force", got)
+	}
+	apply()
 	if got := e.idleTimeout(source{label: "peer"}); got != 200*time.Millisecond {
 		t.Fatalf("peer idle timeout after reload %v, want 200ms", got)
 	}
@@ -247,5 +253,57 @@ func TestReloadAppliesIdleTimeouts(t *testing.T) {
 	}
 	if n := e.counter(e.metrics.resumes.WithLabelValues("upstream", "stall")); n != 1 {
 		t.Fatalf("resumes{upstream,stall} %v, want 1", n)
+	}
+}
+
+// A reload is all or nothing across berth's parts: Prepare of a
+// configuration whose upstream cannot be built changes nothing, and a good
+// one changes nothing until its apply.
+func TestPrepareChangesNothingUntilApplied(t *testing.T) {
+	u := newUpstreamFake(t)
+	e := newTestEngine(t, u, nil)
+	cfg, _ := e.config()
+	next := cfg.Clone()
+	next.Upstreams["quay.test"] = config.Upstream{URL: u.srv.URL}
+	next.TagTTL = config.Duration(time.Minute)
+	next.SourceIdleTimeout = config.Duration(2 * time.Second)
+
+	bad := next.Clone()
+	noPEM := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(noPEM, []byte("not a certificate\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	bad.Upstreams["quay.test"] = config.Upstream{URL: u.srv.URL, CAFile: noPEM}
+	if apply, err := e.Prepare(bad); err == nil || apply != nil || !strings.Contains(err.Error(), "upstream quay.test") {
+		t.Fatalf("Prepare with an unusable CA file: apply %v, error %v", apply != nil, err)
+	}
+	unchanged := func(when string) {
+		t.Helper()
+		if _, err := e.Resolve("quay.test", "org/app"); err == nil {
+			t.Errorf("%s: the new upstream is in force", when)
+		}
+		if got, _ := e.config(); got.TagTTL != cfg.TagTTL {
+			t.Errorf("%s: tag_ttl %v in force, want %v", when, got.TagTTL, cfg.TagTTL)
+		}
+		if got := e.idleTimeout(source{label: "upstream"}); got != 15*time.Second {
+			t.Errorf("%s: source idle timeout %v, want the 15s in force", when, got)
+		}
+	}
+	unchanged("after a failed Prepare")
+
+	apply, err := e.Prepare(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	unchanged("before apply")
+	apply()
+	if _, err := e.Resolve("quay.test", "org/app"); err != nil {
+		t.Errorf("after apply: %v", err)
+	}
+	if got, _ := e.config(); got.TagTTL != next.TagTTL {
+		t.Errorf("after apply: tag_ttl %v, want %v", got.TagTTL, next.TagTTL)
+	}
+	if got := e.idleTimeout(source{label: "upstream"}); got != 2*time.Second {
+		t.Errorf("after apply: source idle timeout %v, want 2s", got)
 	}
 }

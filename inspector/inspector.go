@@ -75,7 +75,7 @@ type Inspector struct {
 	o     Options
 	eng   *engine.Engine
 	local *storage.Local
-	// cfg is the configuration in force: Reload replaces it (webhooks,
+	// cfg is the configuration in force: a reload replaces it (webhooks,
 	// the watch list, show_env_names).
 	cfg     atomic.Pointer[config.Config]
 	log     *logrus.Entry
@@ -186,30 +186,35 @@ func (i *Inspector) startWatching(watch []config.Watch) {
 	}
 }
 
-// Reload takes the webhooks, the watch list and show_env_names of cfg
-// (SIGHUP): new webhooks get the next events, removed ones none
+// Prepare reads what cfg's webhooks need (their secret files) and returns
+// the func that takes the webhooks, the watch list and show_env_names of
+// cfg (SIGHUP): new webhooks get the next events, removed ones none
 // (deliveries in progress finish); watched repositories are revalidated
-// from now on, from the start of their interval, and those removed no
-// more. A secret file that cannot be read rejects the reload, leaving
-// everything as it was.
-func (i *Inspector) Reload(cfg *config.Config) error {
+// from then on, from the start of their interval, and those removed no
+// more. A secret file that cannot be read is an error and changes nothing;
+// nor does anything change until apply, so a reload can still be given up
+// when another part of it fails.
+func (i *Inspector) Prepare(cfg *config.Config) (apply func(), err error) {
 	hooks, err := readHooks(cfg.Webhooks)
 	if err != nil {
-		return err
+		return nil, err
 	}
+	return func() { i.apply(cfg, hooks) }, nil
+}
+
+func (i *Inspector) apply(cfg *config.Config, hooks []hook) {
 	old := i.cfg.Swap(cfg)
 	i.hooks.set(hooks)
 	if reflect.DeepEqual(old.Inspector.Watch, cfg.Inspector.Watch) {
-		return nil
+		return
 	}
 	i.mu.Lock()
 	defer i.mu.Unlock()
 	if i.stopWatching == nil {
-		return nil // not started
+		return // not started
 	}
 	i.stopWatching()
 	i.startWatching(cfg.Inspector.Watch)
-	return nil
 }
 
 // Close stops the inspector and waits for its goroutines; deliveries in

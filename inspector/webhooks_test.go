@@ -329,10 +329,11 @@ func TestSignVerify(t *testing.T) {
 	}
 }
 
-// Reload swaps the webhooks and the watch list in a running inspector: the
-// next event goes to the new webhook only, a newly watched repository is
-// revalidated without a pull, a secret file that cannot be read rejects the
-// reload, and an unwatched repository leaves the scaler feed.
+// A reload swaps the webhooks and the watch list in a running inspector,
+// and only once applied: the next event goes to the new webhook only, a
+// newly watched repository is revalidated without a pull, a secret file
+// that cannot be read rejects the reload, and an unwatched repository
+// leaves the scaler feed.
 func TestReloadWebhooksAndWatch(t *testing.T) {
 	up := inProcessRegistry(t)
 	before, after := newReceiver(t, "a", 0), newReceiver(t, "b", 0)
@@ -345,9 +346,17 @@ func TestReloadWebhooksAndWatch(t *testing.T) {
 	next := *h.cfg
 	next.Webhooks = []config.Webhook{after.webhook(t)}
 	next.Inspector.Watch = []config.Watch{{Repository: "registry.test/org/later", Tags: []string{"v*"}, Interval: config.Duration(50 * time.Millisecond)}}
-	if err := h.ins.Reload(&next); err != nil {
+	apply, err := h.ins.Prepare(&next)
+	if err != nil {
 		t.Fatal(err)
 	}
+	if hooks := h.ins.Webhooks(); len(hooks) != 1 || hooks[0]["url"] != before.srv.URL+"/hook" {
+		t.Errorf("webhooks in force before apply: %v", hooks)
+	}
+	if f := h.ins.Feed(); len(f.Images) != 0 {
+		t.Errorf("the watch list changed before apply: %+v", f.Images)
+	}
+	apply()
 	eventually(t, "the watched tag delivered to the new webhook", func() bool { return len(after.payloads()) == 1 })
 	if p := after.payloads()[0]; p.Event != "new" || p.Tag != "v1" || p.NewDigest != v1.String() {
 		t.Errorf("delivery %+v", p)
@@ -375,7 +384,7 @@ func TestReloadWebhooksAndWatch(t *testing.T) {
 	bad := next
 	bad.Webhooks = []config.Webhook{{URL: before.srv.URL + "/hook", SecretFile: filepath.Join(t.TempDir(), "gone")}}
 	bad.Inspector.Watch = nil
-	if err := h.ins.Reload(&bad); err == nil {
+	if apply, err := h.ins.Prepare(&bad); err == nil || apply != nil {
 		t.Fatal("a reload with an unreadable secret file was taken")
 	}
 	if hooks := h.ins.Webhooks(); len(hooks) != 1 || hooks[0]["url"] != after.srv.URL+"/hook" {
@@ -387,9 +396,10 @@ func TestReloadWebhooksAndWatch(t *testing.T) {
 
 	unwatched := next
 	unwatched.Inspector.Watch = nil
-	if err := h.ins.Reload(&unwatched); err != nil {
+	if apply, err = h.ins.Prepare(&unwatched); err != nil {
 		t.Fatal(err)
 	}
+	apply()
 	if f := h.ins.Feed(); len(f.Images) != 0 {
 		t.Errorf("feed after unwatching: %+v", f.Images)
 	}

@@ -16,6 +16,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -214,39 +215,55 @@ func (d *daemon) newCredentials(cfg *config.Config) error {
 	return nil
 }
 
-// reloadCredentials re-reads every credential file (SIGHUP). Each one that
-// fails keeps what was in force, and the first error is returned.
-func (d *daemon) reloadCredentials() error {
-	var errs []error
+// prepareReload has every part that SIGHUP reloads read and check what it
+// would switch to for next (credential files, webhook secrets, upstreams)
+// without putting anything in force. It returns the applies, which cannot
+// fail, only when every part is ready; otherwise an error naming each part
+// that is not and why, so that nothing of a rejected reload takes effect.
+func (d *daemon) prepareReload(next *config.Config) ([]func(), error) {
+	type part struct {
+		name    string // the setting, for the error; never a value
+		prepare func() (func(), error)
+	}
+	var parts []part
 	if d.tokens != nil {
-		if err := d.tokens.Reload(); err != nil {
-			errs = append(errs, fmt.Errorf("fleet.token_file: %w", err))
-		}
+		parts = append(parts, part{"fleet.token_file", d.tokens.Prepare})
 	}
 	if d.serverTLS != nil {
-		if err := d.serverTLS.Reload(); err != nil {
-			errs = append(errs, fmt.Errorf("fleet.tls: %w", err))
-		}
+		parts = append(parts, part{"fleet.tls", d.serverTLS.Prepare})
 	}
 	if d.peers != nil {
-		if err := d.peers.Reload(); err != nil {
-			errs = append(errs, fmt.Errorf("fleet.tls: %w", err))
-		}
+		parts = append(parts, part{"fleet.tls", d.peers.Prepare})
 	}
 	if d.htpasswd != nil {
-		if err := d.htpasswd.Reload(); err != nil {
-			errs = append(errs, fmt.Errorf("auth.htpasswd: %w", err))
-		}
+		parts = append(parts, part{"auth.htpasswd", d.htpasswd.Prepare})
 	}
 	if d.admin != nil {
-		if err := d.admin.Reload(); err != nil {
-			errs = append(errs, fmt.Errorf("admin_token_file: %w", err))
+		parts = append(parts, part{"admin_token_file", d.admin.Prepare})
+	}
+	if d.ins != nil {
+		parts = append(parts, part{"inspector", func() (func(), error) { return d.ins.Prepare(next) }})
+	}
+	parts = append(parts, part{"upstreams", func() (func(), error) { return d.eng.Prepare(next) }})
+
+	var applies []func()
+	var failed []string
+	for _, p := range parts {
+		apply, err := p.prepare()
+		if err != nil {
+			// The fleet's certificate serves both the port and the calls to
+			// peers: one bad file, one message.
+			if msg := p.name + ": " + err.Error(); !slices.Contains(failed, msg) {
+				failed = append(failed, msg)
+			}
+			continue
 		}
+		applies = append(applies, apply)
 	}
-	if len(errs) > 0 {
-		return errs[0]
+	if len(failed) > 0 {
+		return nil, errors.New(strings.Join(failed, "; "))
 	}
-	return nil
+	return applies, nil
 }
 
 // newDaemon opens the cache, builds the engine and the registry API over
@@ -589,18 +606,14 @@ func (d *daemon) reload(l *loader) error {
 	if next.Inspector.Enabled != old.Inspector.Enabled || next.Inspector.Queue != old.Inspector.Queue {
 		return fmt.Errorf("inspector.enabled and inspector.queue cannot change without a restart; SIGHUP reloads webhooks, inspector.watch and inspector.show_env_names")
 	}
-	// The credential files first: a file that cannot be used rejects the
-	// whole reload, and what was in force stays.
-	if err := d.reloadCredentials(); err != nil {
+	// All or nothing: a part that cannot be used rejects the whole reload
+	// before anything is applied, and what was in force stays.
+	applies, err := d.prepareReload(next)
+	if err != nil {
 		return err
 	}
-	if d.ins != nil {
-		if err := d.ins.Reload(next); err != nil {
-			return err
-		}
-	}
-	if err := d.eng.Reload(next); err != nil {
-		return err
+	for _, apply := range applies {
+		apply()
 	}
 	d.local.SetBudget(int64(next.Cache.Size), next.Cache.HighWatermark, next.Cache.LowWatermark)
 	applyLogConfig(d.log, next)
