@@ -76,7 +76,7 @@ func (s *store) putLocal(r *Record) error {
 	if err != nil {
 		return err
 	}
-	return writeFileAtomic(s.path(r.Upstream, d), b)
+	return storage.WriteFileAtomic(s.path(r.Upstream, d), b)
 }
 
 // put keeps a record on disk and writes it to the bucket unless the
@@ -112,30 +112,6 @@ func (s *store) each(fn func(*Record)) {
 		}
 		return nil
 	})
-}
-
-func writeFileAtomic(dst string, b []byte) error {
-	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
-		return err
-	}
-	f, err := os.CreateTemp(filepath.Dir(dst), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return err
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(f.Name())
-		return err
-	}
-	if err := os.Rename(f.Name(), dst); err != nil {
-		os.Remove(f.Name())
-		return err
-	}
-	return nil
 }
 
 // journal is an append-only JSON-lines file with its last entries in
@@ -180,7 +156,7 @@ func (j *journal[T]) rewrite() {
 		line, _ := json.Marshal(e)
 		buf.Write(append(line, '\n'))
 	}
-	_ = writeFileAtomic(j.path, buf.Bytes())
+	_ = storage.WriteFileAtomic(j.path, buf.Bytes())
 	j.appended = 0
 }
 

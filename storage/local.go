@@ -540,31 +540,41 @@ func syncDir(dir string) {
 	}
 }
 
-// writeFileAtomic writes via a temp file and rename so readers never see a partial file.
+// writeFileAtomic writes dst as WriteFileAtomic does, its temporary file
+// in the tier's tmp directory, which is emptied at start.
 func (l *Local) writeFileAtomic(dst string, b []byte) error {
+	return writeAtomic(filepath.Join(l.root, "tmp"), "meta-*", dst, b)
+}
+
+// WriteFileAtomic replaces path with b: written to a temporary file beside
+// it, synced, then renamed, so a reader or a crash finds the old file or
+// the new one, never a part of one.
+func WriteFileAtomic(path string, b []byte) error {
+	return writeAtomic(filepath.Dir(path), ".tmp-*", path, b)
+}
+
+func writeAtomic(tmpDir, pattern, dst string, b []byte) error {
 	if err := os.MkdirAll(filepath.Dir(dst), 0o755); err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(filepath.Join(l.root, "tmp"), "meta-*")
+	f, err := os.CreateTemp(tmpDir, pattern)
 	if err != nil {
 		return err
 	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return err
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		os.Remove(f.Name())
-		return err
+	if cerr := f.Close(); err == nil {
+		err = cerr
 	}
-	f.Close()
-	if err := os.Rename(f.Name(), dst); err != nil {
-		os.Remove(f.Name())
-		return err
+	if err == nil {
+		err = os.Rename(f.Name(), dst)
 	}
-	return nil
+	if err != nil {
+		os.Remove(f.Name())
+	}
+	return err
 }
 
 func (l *Local) manifestPath(k Key) string {
