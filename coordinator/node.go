@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"runtime"
 	"slices"
@@ -32,7 +33,7 @@ import (
 type NodeOptions struct {
 	Engine  *engine.Engine
 	Local   *storage.Local
-	DataDir string // the pins file lives in DataDir/prewarm/pins.json
+	DataDir string // the node ID (DataDir/node-id) and the pins file (DataDir/prewarm/pins.json) live here
 	Version string // berth's version, for node facts
 	// AdminTokens are the bearer tokens writes (prefetch, cancel) need.
 	// Nil: writes are accepted from loopback addresses only.
@@ -45,6 +46,7 @@ type NodeOptions struct {
 // Node is the node API of one berth: prefetch jobs, pins, warm gate, facts.
 type Node struct {
 	o    NodeOptions
+	id   string
 	pins *pinStore
 	life context.Context
 	stop context.CancelFunc
@@ -74,11 +76,15 @@ func NewNode(o NodeOptions) (*Node, error) {
 		l.Out = discard{}
 		o.Log = logrus.NewEntry(l)
 	}
+	id, err := loadNodeID(o.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("node ID: %w", err)
+	}
 	ps, err := openPinStore(filepath.Join(o.DataDir, "prewarm", "pins.json"))
 	if err != nil {
 		return nil, fmt.Errorf("pre-warm pins: %w", err)
 	}
-	n := &Node{o: o, pins: ps, jobs: map[string]*job{}, reapplied: make(chan struct{})}
+	n := &Node{o: o, id: id, pins: ps, jobs: map[string]*job{}, reapplied: make(chan struct{})}
 	n.life, n.stop = context.WithCancel(context.Background())
 	n.wg.Add(1)
 	go func() {
@@ -919,7 +925,9 @@ func ParseImage(s string) (Image, error) {
 // Facts are this node's facts.
 func (n *Node) Facts() NodeFacts {
 	used, blobs := n.o.Local.Usage()
+	host, _ := os.Hostname()
 	f := NodeFacts{
+		ID: n.id, Hostname: host,
 		OS: runtime.GOOS, Arch: runtime.GOARCH, Version: n.o.Version,
 		CacheBudget: n.o.Local.Budget(), CacheUsed: used, CacheBlobs: blobs,
 		Features: []string{FeatureFromHolder},

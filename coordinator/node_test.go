@@ -703,3 +703,41 @@ func TestNodeQueueMoves(t *testing.T) {
 		t.Errorf("queue %d after the job", q)
 	}
 }
+
+// The node ID is made once and kept in the data directory: a restart on
+// the same disk is the same node, another disk another node, and a
+// damaged ID file stops the node with an error that names it.
+func TestNodeIDSurvivesRestart(t *testing.T) {
+	up := newUpstream(t)
+	tn := startNode(t, up, "", 1<<30, nil)
+	f := tn.node.Facts()
+	if !validNodeID(f.ID) {
+		t.Fatalf("node ID %q is not %d hex digits", f.ID, nodeIDLen)
+	}
+	if host, _ := os.Hostname(); f.Hostname != host {
+		t.Errorf("hostname %q, want %q", f.Hostname, host)
+	}
+	w := do(tn.h, "GET", "/berth/v1/node", loop, "", nil)
+	var got NodeFacts
+	if w.Code != 200 || json.Unmarshal(w.Body.Bytes(), &got) != nil || got.ID != f.ID || got.Hostname != f.Hostname {
+		t.Errorf("GET /berth/v1/node: %d %s", w.Code, w.Body)
+	}
+	tn.close()
+	if again := startNode(t, up, tn.dir, 1<<30, nil).node.Facts().ID; again != f.ID {
+		t.Errorf("after a restart on the same data directory: ID %q, was %q", again, f.ID)
+	}
+	if other := startNode(t, up, "", 1<<30, nil).node.Facts().ID; other == f.ID || !validNodeID(other) {
+		t.Errorf("a fresh data directory got ID %q (first node %q)", other, f.ID)
+	}
+
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, nodeIDFile), []byte("not-an-id\n"), 0o644)
+	local, err := storage.OpenLocal(dir, storage.LocalOptions{Budget: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = NewNode(NodeOptions{Local: local, DataDir: dir})
+	if err == nil || !strings.Contains(err.Error(), filepath.Join(dir, nodeIDFile)) || !strings.Contains(err.Error(), "not-an-id") {
+		t.Errorf("a damaged ID file: %v", err)
+	}
+}

@@ -150,6 +150,11 @@ type ImageWarmth struct {
 
 // NodeFacts is GET /berth/v1/node: what a coordinator needs to plan.
 type NodeFacts struct {
+	// ID names the node: made once and kept in its data directory, so
+	// it outlives restarts and address changes. Nodes older than the ID
+	// send none, and are told apart by the URL they are reached at.
+	ID          string   `json:"id,omitempty"`
+	Hostname    string   `json:"hostname,omitempty"`
 	OS          string   `json:"os"`
 	Arch        string   `json:"arch"`
 	Variant     string   `json:"variant,omitempty"`
