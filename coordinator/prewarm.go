@@ -54,7 +54,14 @@ type Progress struct {
 
 // NodeResult is how one node ended.
 type NodeResult struct {
-	Node       string        `json:"node"`
+	// Node is the first of the run's URLs that reached the node.
+	Node string `json:"node"`
+	// ID is the node's ID (its facts), "" when it could not be asked or
+	// is older than node IDs.
+	ID string `json:"id,omitempty"`
+	// Aliases are the run's other URLs that reached the same node (the
+	// same ID): it was warmed once, under Node, and counts once.
+	Aliases    []string      `json:"aliases,omitempty"`
 	Platform   string        `json:"platform,omitempty"`
 	State      string        `json:"state"` // succeeded, failed
 	JobID      string        `json:"job,omitempty"`
@@ -86,7 +93,8 @@ func (r RunResult) Succeeded() int {
 	return n
 }
 
-// Run warms opts.Images on opts.Nodes: it asks every node for its facts,
+// Run warms opts.Images on opts.Nodes: it asks every node for its facts
+// (URLs that reach one node ID are one node: one result, with Aliases),
 // has one node fetch every blob (the bucket fills: each blob crosses from
 // the upstream once, under the fleet's lease), and once that node has
 // every blob under way has every node fill its own disk from it, the
@@ -124,10 +132,19 @@ func Run(ctx context.Context, o RunOptions) RunResult {
 				return
 			}
 			facts[i] = &f
-			results[i].Platform = f.Platform()
+			results[i].ID, results[i].Platform = f.ID, f.Platform()
 		}()
 	}
 	wg.Wait()
+	// A node reached under several URLs is one node: warmed once, under
+	// the first, and counted once by the completion policy.
+	first := firstOfEachID(facts)
+	for i, j := range first {
+		if j != i {
+			results[j].Aliases = append(results[j].Aliases, o.Nodes[i])
+			facts[i] = nil
+		}
+	}
 
 	platformsOf := func(i int) []string {
 		if len(o.Platforms) > 0 {
@@ -226,8 +243,31 @@ func Run(ctx context.Context, o RunOptions) RunResult {
 		}()
 	}
 	wg.Wait()
-	res.Nodes = results
+	for i, r := range results {
+		if first[i] == i {
+			res.Nodes = append(res.Nodes, r)
+		}
+	}
 	return res
+}
+
+// firstOfEachID maps each node to the first one with the same ID; a node
+// without an ID (unreachable, or older than node IDs) is its own.
+func firstOfEachID(facts []*NodeFacts) []int {
+	first := make([]int, len(facts))
+	seen := map[string]int{}
+	for i, f := range facts {
+		first[i] = i
+		if f == nil || f.ID == "" {
+			continue
+		}
+		if j, ok := seen[f.ID]; ok {
+			first[i] = j
+		} else {
+			seen[f.ID] = i
+		}
+	}
+	return first
 }
 
 func firstKind(s JobSnapshot) string {

@@ -174,3 +174,81 @@ func TestRunStartsNodesWhileTheSeedFetches(t *testing.T) {
 		}
 	}
 }
+
+// A node reached under two URLs is one node: warmed once, under the first
+// URL, and counted once, so a policy cannot be met with fewer distinct
+// nodes than it asks for.
+func TestRunMergesTheURLsOfOneNode(t *testing.T) {
+	up := newUpstream(t)
+	img, _ := random.Image(3000, 2)
+	d := up.push("org/app", "v1", img)
+	_, total := blobsOf(t, img)
+	images := []Image{{Repository: "registry.test/org/app", Digest: digest.Digest(d.String())}}
+	a, b := serveNode(t, up), serveNode(t, up)
+	aAgain := a.alias(t)
+
+	// b first: it fills the bucket, so a is asked for its own job only.
+	res := Run(context.Background(), RunOptions{Nodes: []string{b.url, a.url, aAgain}, Images: images, PinUntil: time.Now().Add(time.Hour)})
+	if len(res.Nodes) != 2 || res.Succeeded() != 2 {
+		t.Fatalf("results: %+v", res.Nodes)
+	}
+	ra := res.Nodes[1]
+	if ra.Node != a.url || !slices.Equal(ra.Aliases, []string{aAgain}) || ra.ID != a.node.Facts().ID || ra.BytesDone != total {
+		t.Errorf("the node reached twice: %+v (its first URL %s, its ID %s)", ra, a.url, a.node.Facts().ID)
+	}
+	if rb := res.Nodes[0]; rb.Node != b.url || len(rb.Aliases) != 0 || rb.ID != b.node.Facts().ID || rb.ID == ra.ID {
+		t.Errorf("the other node: %+v", rb)
+	}
+	if n := a.prefetch.Load(); n != 1 {
+		t.Errorf("the node reached under two URLs got %d prefetch jobs, want 1", n)
+	}
+	for _, c := range []struct {
+		require string
+		met     bool
+	}{{"2", true}, {"3", false}, {"100%", true}} {
+		p, _ := ParsePolicy(c.require)
+		if got := p.Met(res.Succeeded(), len(res.Nodes)); got != c.met {
+			t.Errorf("--require %s over 3 URLs of 2 nodes: met %v, want %v", c.require, got, c.met)
+		}
+	}
+
+	// Two URLs of one node alone: one node, no bucket phase, and
+	// --require 2 is not met.
+	before := a.prefetch.Load()
+	res = Run(context.Background(), RunOptions{Nodes: []string{aAgain, a.url}, Images: images})
+	if len(res.Nodes) != 1 || res.Nodes[0].Node != aAgain || !slices.Equal(res.Nodes[0].Aliases, []string{a.url}) || res.Seed != "" {
+		t.Errorf("two URLs of one node: %+v, seed %q", res.Nodes, res.Seed)
+	}
+	if n := a.prefetch.Load() - before; n != 1 {
+		t.Errorf("two URLs of one node: %d prefetch jobs, want 1", n)
+	}
+	if p, _ := ParsePolicy("2"); p.Met(res.Succeeded(), len(res.Nodes)) {
+		t.Error("--require 2 was met by two URLs of one node")
+	}
+}
+
+// Nodes that give no ID (older than node IDs) and URLs that reach no node
+// are told apart by URL, as before.
+func TestRunKeysNodesWithoutAnIDByURL(t *testing.T) {
+	old := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/berth/v1/node" {
+			writeJSON(w, 200, NodeFacts{OS: "linux", Arch: "amd64", Version: "v0.9"})
+			return
+		}
+		writeError(w, 500, ErrorCodeFailed, "internal", "an old node that fails every job")
+	}))
+	defer old.Close()
+	oldAgain := strings.Replace(old.URL, "127.0.0.1", "localhost", 1)
+	down := httptest.NewServer(http.NotFoundHandler())
+	down.Close()
+	res := Run(context.Background(), RunOptions{Nodes: []string{old.URL, oldAgain, down.URL, down.URL},
+		Images: []Image{{Repository: "registry.test/org/app", Digest: digest.FromString("x")}}})
+	if len(res.Nodes) != 4 {
+		t.Fatalf("%d results, want 4: %+v", len(res.Nodes), res.Nodes)
+	}
+	for _, n := range res.Nodes {
+		if n.ID != "" || len(n.Aliases) != 0 || n.State != StateFailed {
+			t.Errorf("%+v", n)
+		}
+	}
+}

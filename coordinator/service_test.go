@@ -22,21 +22,33 @@ import (
 type servedNode struct {
 	*testNode
 	url      string
-	prefetch atomic.Int64
+	prefetch atomic.Int64 // prefetch requests, through every URL of the node
+	facts    atomic.Int64 // facts requests, likewise
 }
 
 func serveNode(t *testing.T, up *upstream) *servedNode {
 	t.Helper()
 	sn := &servedNode{testNode: startNode(t, up, "", 1<<30, nil)}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method == http.MethodPost && r.URL.Path == "/berth/v1/prefetch" {
-			sn.prefetch.Add(1)
-		}
-		sn.h.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
-	sn.url = srv.URL
+	sn.url = sn.alias(t)
 	return sn
+}
+
+// alias serves the node at one more URL, as a node is reached under its
+// IP and its DNS name; prefetches through every URL are counted together.
+func (sn *servedNode) alias(t *testing.T) string {
+	srv := httptest.NewServer(http.HandlerFunc(sn.serve))
+	t.Cleanup(srv.Close)
+	return srv.URL
+}
+
+func (sn *servedNode) serve(w http.ResponseWriter, r *http.Request) {
+	switch {
+	case r.Method == http.MethodPost && r.URL.Path == "/berth/v1/prefetch":
+		sn.prefetch.Add(1)
+	case r.URL.Path == "/berth/v1/node":
+		sn.facts.Add(1)
+	}
+	sn.h.ServeHTTP(w, r)
 }
 
 func startService(t *testing.T, store Store, o ServiceOptions) (*Service, string) {
