@@ -22,14 +22,16 @@ type FleetPin struct {
 	Jobs      []string  `json:"jobs"`
 }
 
-// FleetNode is one row of the fleet matrix: a discovered node, its facts
-// (nil when it could not be asked), and one cell per pin, in Fleet.Pins'
-// order, each the node's own account of that image.
+// FleetNode is one row of the fleet matrix: a discovered node (the first
+// URL that reached it; Aliases, the other discovered URLs with the same
+// node ID), its facts (nil when it could not be asked), and one cell per
+// pin, in Fleet.Pins' order, each the node's own account of that image.
 type FleetNode struct {
-	Node  string        `json:"node"`
-	Facts *NodeFacts    `json:"facts,omitempty"`
-	Error *ErrorInfo    `json:"error,omitempty"`
-	Cells []ImageWarmth `json:"cells"`
+	Node    string        `json:"node"`
+	Aliases []string      `json:"aliases,omitempty"`
+	Facts   *NodeFacts    `json:"facts,omitempty"`
+	Error   *ErrorInfo    `json:"error,omitempty"`
+	Cells   []ImageWarmth `json:"cells"`
 }
 
 // Warm reports whether the node holds every pin.
@@ -118,8 +120,9 @@ func (s *Service) Fleet(ctx context.Context) Fleet {
 			return f
 		}
 	}
-	f.Nodes = make([]FleetNode, len(nodes))
-	forEach(len(nodes), fleetParallel, func(i int) { f.Nodes[i] = s.askNode(ctx, nodes[i], f.Pins) })
+	members := s.reach(ctx, nodes)
+	f.Nodes = make([]FleetNode, len(members))
+	forEach(len(members), fleetParallel, func(i int) { f.Nodes[i] = s.askNode(ctx, members[i], f.Pins) })
 	for _, n := range f.Nodes {
 		if n.Warm() {
 			f.WarmNodes++
@@ -128,22 +131,20 @@ func (s *Service) Fleet(ctx context.Context) Fleet {
 	return f
 }
 
-// askNode fills one row: the node's facts, then its warmth for the pins,
-// asked in batches of the same platforms.
-func (s *Service) askNode(ctx context.Context, node string, pins []FleetPin) FleetNode {
+// askNode fills one row: the node's facts (asked already), then its
+// warmth for the pins, asked in batches of the same platforms.
+func (s *Service) askNode(ctx context.Context, node reached, pins []FleetPin) FleetNode {
 	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
 	defer cancel()
-	c := &Client{Base: node, Token: s.o.NodeToken, HTTP: s.o.HTTP}
-	row := FleetNode{Node: node, Cells: make([]ImageWarmth, len(pins))}
-	facts, err := c.Facts(ctx)
-	if err != nil {
-		row.Error = infoOf(err)
+	c := &Client{Base: node.url, Token: s.o.NodeToken, HTTP: s.o.HTTP}
+	row := FleetNode{Node: node.url, Aliases: node.aliases, Facts: node.facts, Cells: make([]ImageWarmth, len(pins))}
+	if node.err != nil {
+		row.Error = node.err
 		for i, p := range pins {
 			row.Cells[i] = ImageWarmth{Image: p.Image, Error: row.Error}
 		}
 		return row
 	}
-	row.Facts = &facts
 	// Columns that share platforms go in one request.
 	groups := map[string][]int{}
 	var order []string

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -19,16 +20,18 @@ import (
 // missing bytes per image; it records the queries it got.
 type fakeNode struct {
 	url     string
+	id      string // its node ID, "" for a node older than IDs
+	h       http.Handler
 	mu      sync.Mutex
 	queries []string
 }
 
-func newFakeNode(t *testing.T, version string, missing map[string]int64, pinned bool) *fakeNode {
-	f := &fakeNode{}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+func newFakeNode(t *testing.T, id, version string, missing map[string]int64, pinned bool) *fakeNode {
+	f := &fakeNode{id: id}
+	f.h = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case "/berth/v1/node":
-			writeJSON(w, 200, NodeFacts{OS: "linux", Arch: "amd64", Version: version, CacheBudget: 10 << 30, CacheUsed: 1 << 30, DiskFree: 50 << 30})
+			writeJSON(w, 200, NodeFacts{ID: f.id, Hostname: "node-" + f.id, OS: "linux", Arch: "amd64", Version: version, CacheBudget: 10 << 30, CacheUsed: 1 << 30, DiskFree: 50 << 30})
 		case "/berth/v1/warm":
 			f.mu.Lock()
 			f.queries = append(f.queries, r.URL.RawQuery)
@@ -59,10 +62,16 @@ func newFakeNode(t *testing.T, version string, missing map[string]int64, pinned 
 		default:
 			http.NotFound(w, r)
 		}
-	}))
-	t.Cleanup(srv.Close)
-	f.url = srv.URL
+	})
+	f.url = f.alias(t)
 	return f
+}
+
+// alias serves the node at one more URL.
+func (f *fakeNode) alias(t *testing.T) string {
+	srv := httptest.NewServer(f.h)
+	t.Cleanup(srv.Close)
+	return srv.URL
 }
 
 func putJobs(t *testing.T, mem *storage.Memory, jobs ...JobRecord) {
@@ -90,8 +99,8 @@ func TestFleetMatrix(t *testing.T) {
 		JobRecord{ID: "d", State: StateCanceled, Spec: JobSpec{PinUntil: now.Add(time.Hour)}, Images: []Image{gone}},
 		JobRecord{ID: "e", State: StateSucceeded, Images: []Image{gone}}, // no pin
 	)
-	warm := newFakeNode(t, "v1.2.3", nil, true)
-	cold := newFakeNode(t, "v1.2.3", map[string]int64{db.Repository + "@" + d2.String(): 2500}, true)
+	warm := newFakeNode(t, "", "v1.2.3", nil, true)
+	cold := newFakeNode(t, "", "v1.2.3", map[string]int64{db.Repository + "@" + d2.String(): 2500}, true)
 	down := httptest.NewServer(http.NotFoundHandler())
 	down.Close()
 	garbage := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -199,4 +208,51 @@ func TestFleetPageNeedsTheAPIToken(t *testing.T) {
 	if w := do(h, "GET", "/berth/v1/coordinator/fleet", remote, tok, nil); w.Code != 200 {
 		t.Errorf("fleet JSON with the token: %d %s", w.Code, w.Body)
 	}
+}
+
+// URLs that reach one node ID are one row, asked once; nodes without an
+// ID stay one row per URL.
+func TestFleetMergesTheURLsOfOneNode(t *testing.T) {
+	img := Image{Repository: "registry.test/org/app", Digest: digest.FromString("app v1")}
+	mem := storage.NewMemory(storage.MemoryOptions{})
+	putJobs(t, mem, JobRecord{ID: "a", State: StateSucceeded, Spec: JobSpec{PinUntil: time.Now().Add(time.Hour)}, Images: []Image{img}})
+	n := newFakeNode(t, "0123456789abcdef0123456789abcdef", "v2", nil, true)
+	again := n.alias(t)
+	old := newFakeNode(t, "", "v1", nil, true)
+	oldAgain := old.alias(t)
+	s := NewService(ServiceOptions{Store: mem, Discovery: Discovery{Static: []string{n.url, old.url, again, oldAgain}}})
+	f := s.Fleet(context.Background())
+	if len(f.Nodes) != 3 || f.WarmNodes != 3 {
+		t.Fatalf("rows: %+v", f.Nodes)
+	}
+	var merged []FleetNode
+	var unnamed []string
+	for _, r := range f.Nodes {
+		if r.Facts != nil && r.Facts.ID == n.id {
+			merged = append(merged, r)
+		} else if len(r.Aliases) == 0 {
+			unnamed = append(unnamed, r.Node)
+		}
+	}
+	if len(merged) != 1 || !slices.Equal(sorted(append([]string{merged[0].Node}, merged[0].Aliases...)), sorted([]string{n.url, again})) || !merged[0].Warm() {
+		t.Fatalf("the node reached twice: %+v", merged)
+	}
+	if !slices.Equal(sorted(unnamed), sorted([]string{old.url, oldAgain})) {
+		t.Errorf("the node without an ID: %v", unnamed)
+	}
+	if len(n.queries) != 1 {
+		t.Errorf("the node reached twice was asked %d times for its warmth", len(n.queries))
+	}
+	w := do(s.Handler(), "GET", "/ui/", loop, "", nil)
+	for _, want := range []string{"= " + merged[0].Aliases[0], "id " + n.id, "node-" + n.id, "3 nodes"} {
+		if !strings.Contains(w.Body.String(), want) {
+			t.Errorf("the page lacks %q:\n%s", want, w.Body)
+		}
+	}
+}
+
+func sorted(s []string) []string {
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return s
 }

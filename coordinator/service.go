@@ -132,6 +132,9 @@ type Service struct {
 	mu      sync.Mutex
 	running map[string]*runningJob
 	nodes   []string
+	// Nodes by their key (reached.key: the node ID, or the URL of a node
+	// that has none), so that a node reached under a new address is not
+	// warmed again.
 	warmed  map[string]map[string]bool // node -> job ids it was warmed with
 	warming map[string]bool            // node being warmed now
 }
@@ -530,16 +533,11 @@ func (s *Service) runJob(ctx context.Context, rj *runningJob, lease storage.Leas
 	saveMu.Unlock()
 	save()
 	if state == StateSucceeded || state == StateFailed {
-		s.mu.Lock()
 		for _, n := range res.Nodes {
 			if n.State == StateSucceeded {
-				if s.warmed[n.Node] == nil {
-					s.warmed[n.Node] = map[string]bool{}
-				}
-				s.warmed[n.Node][rec.ID] = true
+				s.markWarmed(n.key(), rec.ID)
 			}
 		}
-		s.mu.Unlock()
 	}
 	_ = lease.Release(context.Background())
 	log.WithFields(logrus.Fields{"state": state, "nodes": len(res.Nodes), "succeeded": res.Succeeded()}).Info("coordinator: job ended")
@@ -583,17 +581,22 @@ func (s *Service) membership(ctx context.Context) {
 					pinned = append(pinned, j)
 				}
 			}
-			for _, n := range nodes {
+			var members []reached
+			if len(pinned) > 0 {
+				members = s.reach(ctx, nodes)
+			}
+			for _, n := range members {
+				k := n.key()
 				var todo []JobRecord
 				s.mu.Lock()
-				busy := s.warming[n]
+				busy := s.warming[k]
 				for _, j := range pinned {
-					if !s.warmed[n][j.ID] && !succeededOn(j, n) {
+					if !s.warmed[k][j.ID] && !succeededOn(j, k) {
 						todo = append(todo, j)
 					}
 				}
 				if !busy && len(todo) > 0 {
-					s.warming[n] = true
+					s.warming[k] = true
 				}
 				s.mu.Unlock()
 				if busy || len(todo) == 0 {
@@ -602,9 +605,9 @@ func (s *Service) membership(ctx context.Context) {
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					s.warmNode(ctx, n, todo)
+					s.warmNode(ctx, n.url, todo)
 					s.mu.Lock()
-					delete(s.warming, n)
+					delete(s.warming, k)
 					s.mu.Unlock()
 				}()
 			}
@@ -617,10 +620,11 @@ func (s *Service) membership(ctx context.Context) {
 	}
 }
 
-// succeededOn reports whether the job's record says node was warmed.
-func succeededOn(j JobRecord, node string) bool {
+// succeededOn reports whether the job's record says the node (its key)
+// was warmed.
+func succeededOn(j JobRecord, key string) bool {
 	for _, r := range j.Nodes {
-		if r.Node == node && r.State == StateSucceeded {
+		if r.key() == key && r.State == StateSucceeded {
 			return true
 		}
 	}
@@ -634,12 +638,7 @@ func (s *Service) warmNode(ctx context.Context, node string, jobs []JobRecord) {
 			Platforms: j.Spec.Platforms, PinUntil: j.Spec.PinUntil, SkipBucket: true})
 		log := s.o.Log.WithFields(logrus.Fields{"node": node, "job": j.ID})
 		if len(res.Nodes) == 1 && res.Nodes[0].State == StateSucceeded {
-			s.mu.Lock()
-			if s.warmed[node] == nil {
-				s.warmed[node] = map[string]bool{}
-			}
-			s.warmed[node][j.ID] = true
-			s.mu.Unlock()
+			s.markWarmed(res.Nodes[0].key(), j.ID)
 			log.Info("coordinator: node warmed with a job's pins")
 			continue
 		}
@@ -647,6 +646,74 @@ func (s *Service) warmNode(ctx context.Context, node string, jobs []JobRecord) {
 			log.WithField("error", res.Nodes[0].Error.Error()).Warn("coordinator: cannot warm a node; will retry")
 		}
 	}
+}
+
+func (s *Service) markWarmed(key, job string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.warmed[key] == nil {
+		s.warmed[key] = map[string]bool{}
+	}
+	s.warmed[key][job] = true
+}
+
+// reached is one node as asked for its facts: the first URL that reached
+// it, the other URLs that reached the same node ID, and its facts or why
+// it could not be asked.
+type reached struct {
+	url     string
+	aliases []string
+	facts   *NodeFacts
+	err     *ErrorInfo
+}
+
+// key is what the node is remembered by: its ID, or the URL of a node
+// that gave none (unreachable, or older than node IDs).
+func (r reached) key() string {
+	if r.facts == nil {
+		return r.url
+	}
+	return nodeKey(r.url, r.facts.ID)
+}
+
+func nodeKey(url, id string) string {
+	if id != "" {
+		return id
+	}
+	return url
+}
+
+func (r NodeResult) key() string { return nodeKey(r.Node, r.ID) }
+
+// reach asks every URL for its node's facts, fleetParallel at a time, and
+// returns one entry per node: URLs that reach one node ID are merged.
+func (s *Service) reach(ctx context.Context, urls []string) []reached {
+	all := make([]reached, len(urls))
+	facts := make([]*NodeFacts, len(urls))
+	forEach(len(urls), fleetParallel, func(i int) {
+		fctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+		defer cancel()
+		all[i].url = urls[i]
+		f, err := (&Client{Base: urls[i], Token: s.o.NodeToken, HTTP: s.o.HTTP}).Facts(fctx)
+		if err != nil {
+			all[i].err = infoOf(err)
+			return
+		}
+		all[i].facts, facts[i] = &f, &f
+	})
+	var out []reached
+	first := firstOfEachID(facts)
+	for i, j := range first {
+		if j != i {
+			all[j].aliases = append(all[j].aliases, urls[i])
+		}
+	}
+	for i, j := range first {
+		if j == i {
+			out = append(out, all[i])
+		}
+	}
+	return out
 }
 
 // PushRule selects pushes to warm: a repository glob and an optional tag

@@ -167,22 +167,30 @@ func TestServiceResumesAJobWhoseCoordinatorDied(t *testing.T) {
 	}
 }
 
+// pinnedJobFromFile starts a coordinator that discovers its nodes from a
+// file, first listing node, and runs a job pinning registry.test/org/app:v1
+// for an hour to its success.
+func pinnedJobFromFile(t *testing.T, node string) (list string, rec JobRecord) {
+	t.Helper()
+	list = filepath.Join(t.TempDir(), "nodes")
+	os.WriteFile(list, []byte(node+"\n"), 0o644)
+	s, api := startService(t, storage.NewMemory(storage.MemoryOptions{}), ServiceOptions{Discovery: Discovery{File: list}})
+	id, err := (&Client{Base: api}).Submit(context.Background(), JobSpec{Refs: []string{"registry.test/org/app:v1"}, PinUntil: time.Now().Add(time.Hour)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rec = waitJob(t, s, id); rec.State != StateSucceeded {
+		t.Fatalf("job %s", rec.State)
+	}
+	return list, rec
+}
+
 func TestServiceWarmsANodeThatJoins(t *testing.T) {
 	up := newUpstream(t)
 	img, _ := random.Image(2000, 2)
 	up.push("org/app", "v1", img)
 	first := serveNode(t, up)
-	list := filepath.Join(t.TempDir(), "nodes")
-	os.WriteFile(list, []byte(first.url+"\n"), 0o644)
-	mem := storage.NewMemory(storage.MemoryOptions{})
-	s, api := startService(t, mem, ServiceOptions{Discovery: Discovery{File: list}})
-	id, err := (&Client{Base: api}).Submit(context.Background(), JobSpec{Refs: []string{"registry.test/org/app:v1"}, PinUntil: time.Now().Add(time.Hour)})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if r := waitJob(t, s, id); r.State != StateSucceeded {
-		t.Fatalf("job %s", r.State)
-	}
+	list, _ := pinnedJobFromFile(t, first.url)
 	late := serveNode(t, up)
 	if code, st := late.warmCode(); code != 200 || st.Pins != 0 {
 		t.Fatalf("the new node before joining: %d %+v", code, st)
@@ -334,6 +342,60 @@ func TestServiceCancel(t *testing.T) {
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("the node still has pins after the cancel: %+v", n.node.Facts())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// The coordinator remembers the nodes it warmed by node ID: a warm node
+// that comes back under another address is not warmed again, and an
+// empty node at an address a warm one had is.
+func TestServiceKnowsNodesByID(t *testing.T) {
+	up := newUpstream(t)
+	img, _ := random.Image(2000, 2)
+	up.push("org/app", "v1", img)
+	a, fresh := serveNode(t, up), serveNode(t, up)
+	// One address, served by a, then by a fresh node (a new disk).
+	var at atomic.Pointer[servedNode]
+	at.Store(a)
+	addr := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { at.Load().serve(w, r) }))
+	t.Cleanup(addr.Close)
+	list, r := pinnedJobFromFile(t, addr.URL)
+	if len(r.Nodes) != 1 || r.Nodes[0].ID != a.node.Facts().ID {
+		t.Fatalf("job: %+v", r.Nodes)
+	}
+	if n := a.prefetch.Load(); n != 1 {
+		t.Fatalf("the job sent %d prefetches to its one node", n)
+	}
+
+	// a moves to another address: the coordinator asks it who it is
+	// (three membership passes, at least) and leaves it be.
+	moved := a.alias(t)
+	asked := a.facts.Load()
+	os.WriteFile(list, []byte(moved+"\n"), 0o644)
+	waitFor(t, "three membership passes", func() bool { return a.facts.Load() >= asked+3 })
+	if n := a.prefetch.Load(); n != 1 {
+		t.Errorf("a warm node under a new address was warmed again: %d prefetches", n)
+	}
+
+	// A fresh node at a's old address is another node: it is warmed.
+	at.Store(fresh)
+	os.WriteFile(list, []byte(moved+"\n"+addr.URL+"\n"), 0o644)
+	waitFor(t, "the fresh node warm", func() bool {
+		code, st := fresh.warmCode()
+		return code == 200 && st.Pins > 0
+	})
+	if n := a.prefetch.Load(); n != 1 {
+		t.Errorf("the warm node was warmed again: %d prefetches", n)
+	}
+}
+
+func waitFor(t *testing.T, what string, ok func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for !ok() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited 15s for %s", what)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
