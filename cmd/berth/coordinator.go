@@ -83,7 +83,7 @@ func coordinatorFlags(o *coordinatorOptions, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.logLevel, "log-level", envOr("BERTH_LOG_LEVEL", "info"), "`LEVEL`: debug, info, warn or error [$BERTH_LOG_LEVEL]")
 	fs.StringVar(&o.logFormat, "log-format", envOr("BERTH_LOG_FORMAT", "text"), "`FORMAT`: text or json [$BERTH_LOG_FORMAT]")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: berth coordinator [flags]\n\nRuns pre-warm jobs kept in the fleet's bucket (submitted with 'berth prewarm\n--coordinator' or by a registry's push notifications), resumes the jobs of a\ncoordinator that died, and warms every node that joins with the pins in force.\nServes the fleet page at /ui/ (nodes x pins in force: warm, or the bytes\nmissing) and its JSON at /berth/v1/coordinator/fleet, with the same\ncredential as the API (a browser sends the token as a basic-auth password).\nSee docs/prewarm.md.\n\nFlags:")
+		fmt.Fprintln(stderr, "Usage: berth coordinator [flags]\n\nRuns pre-warm jobs kept in the fleet's bucket (submitted with 'berth prewarm\n--coordinator' or by a registry's push notifications), resumes the jobs of a\ncoordinator that died, and warms every node that joins with the pins in force\n(nodes are known by their node ID: a warm node under a new address is left be).\nServes the fleet page at /ui/ (nodes x pins in force: warm, or the bytes\nmissing) and its JSON at /berth/v1/coordinator/fleet, with the same\ncredential as the API (a browser sends the token as a basic-auth password).\nSee docs/prewarm.md.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	return fs

@@ -90,7 +90,7 @@ func prewarmFlags(o *prewarmOptions, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.tokenFile, "token-file", os.Getenv("BERTH_PREWARM_TOKEN_FILE"), "`FILE` whose first token is sent to the nodes or the coordinator (their admin_token_file) [$BERTH_PREWARM_TOKEN_FILE]")
 	fs.StringVar(&o.coordinator, "coordinator", "", "hand the job to the coordinator at `URL` and follow it there")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "Usage: berth prewarm [flags] [IMAGE...]\n\nResolves every image reference to a digest once, fills the fleet's bucket\nthrough one node and, once that node has every blob under way, has every\nnode put the images on its disk, streaming what it still fetches from it.\nExit status: 0 the --require policy is met, 1 it is not (the nodes and reasons\nare named), 2 bad usage.\n\nFlags:")
+		fmt.Fprintln(stderr, "Usage: berth prewarm [flags] [IMAGE...]\n\nResolves every image reference to a digest once, fills the fleet's bucket\nthrough one node and, once that node has every blob under way, has every\nnode put the images on its disk, streaming what it still fetches from it.\nURLs that reach one node (the same node ID) are one node: warmed once and\ncounted once by --require.\nExit status: 0 the --require policy is met, 1 it is not (the nodes and reasons\nare named), 2 bad usage.\n\nFlags:")
 		fs.PrintDefaults()
 	}
 	return fs
@@ -258,7 +258,11 @@ func finish(out *prewarmOutput, nodes []coordinator.NodeResult, badRefs map[stri
 			why = append(why, fmt.Sprintf("node %s: %s: %s", n.Node, n.Error.Kind, n.Error.Message))
 		}
 	}
-	fmt.Fprintf(stderr, "berth prewarm: --require %s not met: %d of %d nodes warm\n", policy, ok, len(nodes))
+	fmt.Fprintf(stderr, "berth prewarm: --require %s not met: %d of %d nodes warm", policy, ok, len(nodes))
+	if u := urls(nodes); u != len(nodes) {
+		fmt.Fprintf(stderr, " (%d URLs, the same node's counted once)", u)
+	}
+	fmt.Fprintln(stderr)
 	for _, w := range why {
 		fmt.Fprintln(stderr, "  "+w)
 	}
@@ -429,10 +433,17 @@ func (o *prewarmOutput) progress(p coordinator.Progress) {
 func (o *prewarmOutput) summary(nodes []coordinator.NodeResult, policy coordinator.Policy, ok int, met bool) {
 	if o.json {
 		for _, n := range nodes {
-			o.event(map[string]any{"event": "result", "node": n.Node, "state": n.State, "platform": n.Platform, "images": n.Images, "images_done": n.ImagesDone,
-				"bytes": n.BytesDone, "seconds": n.Duration.Seconds(), "error": n.Error, "failures": n.Failures})
+			ev := map[string]any{"event": "result", "node": n.Node, "state": n.State, "platform": n.Platform, "images": n.Images, "images_done": n.ImagesDone,
+				"bytes": n.BytesDone, "seconds": n.Duration.Seconds(), "error": n.Error, "failures": n.Failures}
+			if n.ID != "" {
+				ev["id"] = n.ID
+			}
+			if len(n.Aliases) > 0 {
+				ev["aliases"] = n.Aliases
+			}
+			o.event(ev)
 		}
-		o.event(map[string]any{"event": "summary", "require": policy.String(), "nodes": len(nodes), "succeeded": ok, "met": met})
+		o.event(map[string]any{"event": "summary", "require": policy.String(), "nodes": len(nodes), "urls": urls(nodes), "succeeded": ok, "met": met})
 		return
 	}
 	tw := tabwriter.NewWriter(o.w, 2, 4, 2, ' ', 0)
@@ -445,9 +456,28 @@ func (o *prewarmOutput) summary(nodes []coordinator.NodeResult, policy coordinat
 		fmt.Fprintf(tw, "%s\t%d/%d\t%s\t%s\t%s\n", n.Node, n.ImagesDone, n.Images, web.Bytes(n.BytesDone), n.Duration.Round(100*time.Millisecond), result)
 	}
 	tw.Flush()
+	for _, n := range nodes {
+		if len(n.Aliases) > 0 {
+			fmt.Fprintf(o.w, "%s is also %s (node ID %s): warmed and counted once\n", n.Node, strings.Join(n.Aliases, ", "), n.ID)
+		}
+	}
 	verdict := "met"
 	if !met {
 		verdict = "NOT met"
 	}
-	fmt.Fprintf(o.w, "%d of %d nodes warm; --require %s %s\n", ok, len(nodes), policy, verdict)
+	merged := ""
+	if u := urls(nodes); u != len(nodes) {
+		merged = fmt.Sprintf(" (%d URLs)", u)
+	}
+	fmt.Fprintf(o.w, "%d of %d nodes warm%s; --require %s %s\n", ok, len(nodes), merged, policy, verdict)
+}
+
+// urls counts the node URLs behind the results: URLs that reached one
+// node ID are one result.
+func urls(nodes []coordinator.NodeResult) int {
+	n := 0
+	for _, r := range nodes {
+		n += 1 + len(r.Aliases)
+	}
+	return n
 }

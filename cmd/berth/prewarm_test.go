@@ -80,6 +80,20 @@ func TestPrewarmTerminalOutput(t *testing.T) {
 	if code := prewarmMain(context.Background(), append([]string{"--require", "50%"}, args...), nil, io.Discard, io.Discard, true); code != 0 {
 		t.Errorf("a node down with --require 50%%: exit %d", code)
 	}
+
+	// One node under two names is one node: --require 2 is not met.
+	byName := strings.Replace(nodes[0], "127.0.0.1", "localhost", 1)
+	args = []string{"--nodes", nodes[0] + "," + byName, "--require", "2", "registry.test/org/app:v1"}
+	out.Reset()
+	errb.Reset()
+	if code := prewarmMain(context.Background(), args, nil, &out, &errb, true); code != 1 || !strings.Contains(errb.String(), "1 of 1 nodes warm (2 URLs") {
+		t.Errorf("two URLs of one node, --require 2: exit %d\n%s", code, errb.String())
+	}
+	for _, want := range []string{nodes[0] + " is also " + byName + " (node ID ", "1 of 1 nodes warm (2 URLs); --require 2 NOT met"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
 }
 
 func TestPrewarmUsage(t *testing.T) {
