@@ -450,3 +450,82 @@ func TestPrewarmPinSurvivesCachePressureAndRestart(t *testing.T) {
 	}
 	hostBlobs(t, n2.Berth, pinned.Blobs())
 }
+
+// A node listed under two URLs (its IP and a name) is one node: warmed
+// once (one job on it), one row in the summary, counted once by --require;
+// its node ID, which says so, survives a restart on the same data
+// directory.
+func TestPrewarmMergesTheURLsOfOneNode(t *testing.T) {
+	f := newPWFleet(t)
+	img := PushImage(t, OCI, f.reg.Host, "org/app", "v1", 200<<10, 2)
+	a, b := f.node(t, "", ""), f.node(t, "", "")
+	// Nodes are taken in URL order, the first filling the bucket: b, the
+	// node listed twice, comes second, so it runs its own job only.
+	if b.FleetURL < a.FleetURL {
+		a, b = b, a
+	}
+	if !strings.HasPrefix(b.FleetURL, "http://127.0.0.1:") {
+		t.Fatalf("the node's fleet URL %s is not on 127.0.0.1", b.FleetURL)
+	}
+	byName := strings.Replace(b.FleetURL, "127.0.0.1", "localhost", 1)
+	facts := func(n *pwNode) map[string]any {
+		t.Helper()
+		code, body := nodeGet(t, n.FleetURL+"/berth/v1/node", f.adminToken)
+		var m map[string]any
+		if code != 200 || json.Unmarshal(body, &m) != nil {
+			t.Fatalf("%s facts: %d %s", n.FleetURL, code, body)
+		}
+		return m
+	}
+	id := facts(b)["id"]
+	if s, _ := id.(string); len(s) != 32 || id == facts(a)["id"] || facts(b)["hostname"] == "" {
+		t.Fatalf("node IDs: %v and %v", facts(a), facts(b))
+	}
+
+	r := runPrewarmCmd(t, "", "--nodes", byName+","+a.FleetURL+","+b.FleetURL, "--token-file", f.adminFile, "--pin", "1h", "--output", "json", "org/app:v1")
+	if r.code != 0 {
+		t.Fatalf("exit %d\nstdout:\n%s", r.code, r.stdout)
+	}
+	results := r.event("result")
+	if len(results) != 2 {
+		t.Fatalf("%d results for 3 URLs of 2 nodes: %v", len(results), results)
+	}
+	rb := results[1]
+	if aliases, _ := rb["aliases"].([]any); rb["node"] != b.FleetURL || len(aliases) != 1 || aliases[0] != byName || rb["id"] != id || rb["state"] != "succeeded" {
+		t.Errorf("the node listed twice: %v", rb)
+	}
+	if s := r.event("summary"); len(s) != 1 || s[0]["nodes"] != float64(2) || s[0]["urls"] != float64(3) || s[0]["succeeded"] != float64(2) {
+		t.Errorf("summary: %v", s)
+	}
+	code, body := nodeGet(t, b.FleetURL+"/berth/v1/jobs", f.adminToken)
+	var jobs []map[string]any
+	if code != 200 || json.Unmarshal(body, &jobs) != nil || len(jobs) != 1 {
+		t.Errorf("the node listed twice ran %d jobs, want 1: %d %s", len(jobs), code, body)
+	}
+	hostBlobs(t, b.Berth, img.Blobs())
+	f.up.checkBlobGETs(t, "after pre-warm", img.Blobs(), 1)
+
+	// The text summary: one row for b; and --require 3 over its 3 URLs
+	// of 2 nodes is not met.
+	r = runPrewarmCmd(t, "", "--nodes", a.FleetURL+","+b.FleetURL+","+byName, "--token-file", f.adminFile, "--output", "text", "--require", "3", "org/app:v1")
+	if r.code != 1 || !strings.Contains(r.stderr, "--require 3 not met: 2 of 2 nodes warm (3 URLs") {
+		t.Errorf("--require 3 over 3 URLs of 2 nodes: exit %d\n%s", r.code, r.stderr)
+	}
+	rows := 0
+	for _, line := range strings.Split(r.stdout, "\n") {
+		if (strings.HasPrefix(line, b.FleetURL+" ") || strings.HasPrefix(line, byName+" ")) && !strings.Contains(line, " is also ") {
+			rows++
+		}
+	}
+	if rows != 1 || !strings.Contains(r.stdout, b.FleetURL+" is also "+byName) {
+		t.Errorf("%d summary rows for the node listed twice:\n%s", rows, r.stdout)
+	}
+
+	// A restart on the same data directory keeps the ID.
+	data, addr := b.Data, strings.TrimPrefix(b.FleetURL, "http://")
+	b.Stop(t)
+	b2 := f.node(t, data, addr)
+	if again := facts(b2)["id"]; again != id {
+		t.Errorf("node ID after a restart on the same data directory: %v, was %v", again, id)
+	}
+}
