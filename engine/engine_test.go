@@ -7,6 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -491,4 +494,70 @@ func TestFleetCorruptBucketObject(t *testing.T) {
 	if got, err := e.read(t, d); err != nil || !bytes.Equal(got, content) {
 		t.Fatalf("refetch: %v", err)
 	}
+}
+
+// A holder that has the lease but no download yet (it took the lease over
+// a moment ago) answers a waiting host 404; the waiter asks it again on
+// its next poll and streams from it, instead of polling the bucket until
+// the upload, so that if the holder dies too it resumes from the bytes it
+// has rather than fetching the blob once more.
+func TestFleetWaiterAsksAHolderNotYetDownloadingAgain(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	u := newUpstreamFake(t)
+	content := randomBytes(56, 1<<20)
+	d := u.pushBlob("org/app", content)
+	gate := make(chan struct{})
+	u.set("GET", blobPath("org/app", d), u.pauseAfter(128<<10, gate))
+	var holder *testEngine
+	real := peerOf(t, &holder)
+	var asked atomic.Int32
+	notYet := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if asked.Add(1) == 1 {
+			w.WriteHeader(http.StatusNotFound)
+			return
+		}
+		httputil.NewSingleHostReverseProxy(mustParseURL(t, real.URL)).ServeHTTP(w, r)
+	}))
+	t.Cleanup(notYet.Close)
+	bucket := storage.NewMemory(storage.MemoryOptions{Holder: notYet.URL})
+	holder = newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = bucket, notYet.URL })
+	hb, err := holder.Blob(ctx, holder.repo, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hb.Close()
+	view := bucket.Host("waiter")
+	waiter := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = view })
+	wb, err := waiter.Blob(ctx, waiter.repo, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer wb.Close()
+	if wb.Source != "peer" {
+		t.Fatalf("waiter's source %q, want peer", wb.Source)
+	}
+	if n := view.Requests("StatBlob"); n != 0 {
+		t.Fatalf("waiter polled the bucket %d times, want 0: the holder was asked again first", n)
+	}
+	if n := asked.Load(); n != 2 {
+		t.Fatalf("holder asked %d times, want 2", n)
+	}
+	close(gate)
+	got, err := io.ReadAll(wb)
+	if err != nil || !bytes.Equal(got, content) {
+		t.Fatalf("waiter read %d bytes, %v", len(got), err)
+	}
+	if n := u.count("GET", blobPath("org/app", d)); n != 1 {
+		t.Fatalf("upstream GETs %d, want 1", n)
+	}
+}
+
+func mustParseURL(t *testing.T, s string) *url.URL {
+	t.Helper()
+	u, err := url.Parse(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
 }

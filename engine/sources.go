@@ -101,11 +101,15 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 			}
 			holderExpires = held.Expires
 		}
+		retryPeer := ""
 		if held != nil && isURL(held.Holder) && held.Holder != f.self {
 			src, err := e.openPeerAt(ctx, held.Holder, key, repo, 0)
 			if err == nil {
 				f.avoided.WithLabelValues("blob").Inc()
 				return src, nil
+			}
+			if errors.Is(err, errPeerNotYet) {
+				retryPeer = held.Holder
 			}
 			if unreachable(err) {
 				// The holder's berth is gone or hung: waiting for its
@@ -128,11 +132,30 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 			return e.openUpstreamBlob(ctx, key, up, repo)
 		}
 		// Wait for the holder's upload, checking cheaply, and try the lease
-		// again now and then in case its holder died.
+		// again now and then in case its holder died. A holder that has
+		// the lease but no download yet (it took the lease over a moment
+		// ago) is asked again on every poll, at no S3 cost: streaming
+		// from it as soon as it can means that, should it die too, this
+		// host resumes from the bytes it has instead of fetching again.
+		var fromPeer source
 		poll(ctx, time.Now().Add(f.leaseTTL/2), func() bool {
+			if retryPeer != "" {
+				src, err := e.openPeerAt(ctx, retryPeer, key, repo, 0)
+				if err == nil {
+					fromPeer = src
+					return true
+				}
+				if !errors.Is(err, errPeerNotYet) {
+					return true // gone or refusing: the next round finds out
+				}
+			}
 			_, err := b.StatBlob(ctx, key)
 			return !errors.Is(err, storage.ErrNotFound) // there now, or S3 failing: the next round finds out
 		})
+		if fromPeer.body != nil {
+			f.avoided.WithLabelValues("blob").Inc()
+			return fromPeer, nil
+		}
 		if ctx.Err() != nil {
 			return source{}, ctx.Err()
 		}
@@ -269,6 +292,11 @@ func isURL(s string) bool { return strings.HasPrefix(s, "http://") || strings.Ha
 // dead.
 var errPeerSilent = errors.New("peer sent no answer")
 
+// errPeerNotYet is a peer that answered 404: it has neither the blob nor
+// a download of it, yet. A host that just took a lease over is so until
+// its download starts.
+var errPeerNotYet = errors.New("no download of it yet")
+
 // unreachable reports an error that says a peer's berth is not there: its
 // address refuses connections or does not answer them, or it took the
 // connection and sent nothing.
@@ -320,6 +348,9 @@ func (e *Engine) openPeerAt(ctx context.Context, holder string, key storage.Key,
 		resp.Body.Close()
 		if resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden {
 			e.peerRefused(holder, resp.StatusCode)
+		}
+		if resp.StatusCode == http.StatusNotFound {
+			return source{}, fmt.Errorf("peer %s answered %s: %w", holder, resp.Status, errPeerNotYet)
 		}
 		return source{}, fmt.Errorf("peer %s answered %s", holder, resp.Status)
 	}
