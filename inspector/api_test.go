@@ -191,6 +191,74 @@ func TestScalerFeed(t *testing.T) {
 	}
 }
 
+// A host that read a watched image's manifest from the bucket defers its
+// inspection to the host that fetched it from the upstream: until it reads
+// the fleet's record its scaler feed has the image uninspected, with the
+// sizes from the manifests on its disk and no microscaling labels; once an
+// API request has read the record, inspected and with the labels.
+func TestScalerFeedOnAHostThatDeferred(t *testing.T) {
+	up := inProcessRegistry(t)
+	d := up.push(t, "org/app:v1", build(t, dockerSpec(t)))
+	watch := func(c *config.Config) {
+		c.Inspector.Watch = []config.Watch{{Repository: "registry.test/org/app", Tags: []string{"v1"}, Interval: config.Duration(time.Hour)}}
+	}
+	bucket := storage.NewMemory(storage.MemoryOptions{Holder: "a"})
+	hb := bucket.Host("b")
+	a := newHarness(t, up, harnessOptions{bucket: bucket, config: watch})
+	b := newHarness(t, up, harnessOptions{bucket: hb, config: watch})
+	a.pull("org/app", "v1")
+	rec := a.record(d)
+	eventually(t, "host a's record in the bucket", func() bool { return bucket.Requests("CreateObject") == 1 })
+	b.pull("org/app", "v1")
+	eventually(t, "the manifest left to the fleet", func() bool { return b.counter("berth_inspections_total", "result", "deferred") == 1 })
+	// A layer missing from b's disk: the missing bytes come from the
+	// manifest too.
+	l := rec.Image.Layers[1]
+	b.local.DeleteBlob(storage.Key{Upstream: "registry.test", Digest: digest.Digest(l.Digest)})
+
+	srv := httptest.NewServer(b.ins.Handler())
+	defer srv.Close()
+	total := rec.Image.ConfigSize + rec.Image.DownloadSize
+	var f Feed
+	getJSON(t, srv.URL+"/berth/v1/scaler", 200, &f)
+	if len(f.Images) != 1 {
+		t.Fatalf("feed %+v", f)
+	}
+	fi := f.Images[0]
+	if fi.Image != "registry.test/org/app:v1" || fi.Digest != d.String() || !fi.Watched || fi.Inspected || fi.Microscaling != nil {
+		t.Errorf("before the fleet's record: %+v", fi)
+	}
+	if fi.Bytes != total || fi.MissingBytes != l.Size || f.MissingBytes != l.Size {
+		t.Errorf("before the fleet's record: bytes %d missing %d (feed %d), want %d and %d", fi.Bytes, fi.MissingBytes, f.MissingBytes, total, l.Size)
+	}
+	if fi.Platform != "" {
+		t.Errorf("platform %q before the config was read, want none", fi.Platform)
+	}
+	if n := hb.Requests("GetObject"); n != 0 {
+		t.Errorf("the feed read the bucket %d times", n)
+	}
+
+	var v View
+	getJSON(t, srv.URL+"/berth/v1/images/registry.test/org/app:v1", 200, &v)
+	if v.Image == nil || hb.Requests("GetObject") != 1 || b.counter("berth_inspections_total", "result", "shared") != 1 {
+		t.Fatalf("the API did not read the fleet's record: %+v, %d GETs", v.Record, hb.Requests("GetObject"))
+	}
+	getJSON(t, srv.URL+"/berth/v1/scaler", 200, &f)
+	if len(f.Images) != 1 {
+		t.Fatalf("feed %+v", f)
+	}
+	fi = f.Images[0]
+	if !fi.Inspected || fi.Bytes != total || fi.MissingBytes != l.Size || fi.Platform != "linux/amd64" {
+		t.Errorf("after the fleet's record: %+v, want inspected, %d bytes, %d missing", fi, total, l.Size)
+	}
+	if m := fi.Microscaling; m == nil || m.Priority != "3" || m.MaxContainers != "10" || m.IsScalable != "true" {
+		t.Errorf("after the fleet's record: microscaling %+v", fi.Microscaling)
+	}
+	if b.counter("berth_inspections_total", "result", "ok") != 0 {
+		t.Error("host b inspected the image itself")
+	}
+}
+
 func TestFetchRateSample(t *testing.T) {
 	s := newScaler(nil)
 	now := s.lastTick

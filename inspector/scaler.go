@@ -205,7 +205,9 @@ func (s *scaler) refresh() Feed {
 			img, fi.Platform = i.manifestImage(t.repo.Upstream, t.d)
 		}
 		if img != nil {
-			if fi.Platform == "" {
+			// An image read from its manifest alone has no config, so no
+			// platform to name: leave it out rather than say "unknown".
+			if fi.Platform == "" && img.OS != "" {
 				fi.Platform = img.Platform()
 			}
 			blobs := []struct {
