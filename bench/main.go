@@ -71,7 +71,7 @@ var allScenarios = []struct {
 	{"hang", "pull of a cached tag while the upstream hangs", (*bench).scenarioHang},
 	{"fleet", "three hosts sharing one S3 bucket (MinIO), ten cold pulls on each", (*bench).scenarioFleet},
 	{"stall", "concurrent cold pulls while the upstream stalls once in the middle of every layer", (*bench).scenarioStall},
-	{"prewarm", "berth prewarm onto N nodes on one bucket, beside each node pulling the image itself; then many nodes with a small image", (*bench).scenarioPrewarm},
+	{"prewarm", "berth prewarm onto N nodes on one bucket, beside each node pulling the image itself; then many nodes with a small image, by the CLI and by a coordinator", (*bench).scenarioPrewarm},
 }
 
 func main() {

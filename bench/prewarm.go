@@ -28,16 +28,28 @@ type prewarmRound struct {
 	maxRSS   int64 // KiB, of the prewarm process
 }
 
-// runPrewarm runs berth prewarm against nodes for ref and waits for it.
-func (b *bench) runPrewarm(ctx context.Context, nodes []*server, ref string, parallel int) (prewarmRound, error) {
+// nodeURLs is the nodes' URLs, comma-separated, as --nodes takes them.
+func nodeURLs(nodes []*server) string {
 	var urls []string
 	for _, n := range nodes {
 		urls = append(urls, n.url())
 	}
+	return strings.Join(urls, ",")
+}
+
+// runPrewarm runs berth prewarm against nodes for ref and waits for it.
+func (b *bench) runPrewarm(ctx context.Context, nodes []*server, ref string, parallel int) (prewarmRound, error) {
+	return b.runPrewarmVia(ctx, []string{"--nodes", nodeURLs(nodes)}, ref, parallel)
+}
+
+// runPrewarmVia runs berth prewarm with target (the flags naming the nodes,
+// or the coordinator to hand the job to) for ref and waits for it.
+func (b *bench) runPrewarmVia(ctx context.Context, target []string, ref string, parallel int) (prewarmRound, error) {
 	b.link.Reset()
 	b.s3.counter.take()
-	cmd := exec.CommandContext(ctx, b.opt.berthBin, "prewarm", "--nodes", strings.Join(urls, ","),
-		"--parallel", fmt.Sprint(parallel), "--output", "json", "--timeout", "20m", ref)
+	args := append([]string{"prewarm"}, target...)
+	args = append(args, "--parallel", fmt.Sprint(parallel), "--output", "json", "--timeout", "20m", ref)
+	cmd := exec.CommandContext(ctx, b.opt.berthBin, args...)
 	cmd.Env = cleanEnv("BERTH_", "AWS_")
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
@@ -127,7 +139,9 @@ func (b *bench) scenarioPrewarm(ctx context.Context) error {
 	scaleReqs := b.table.add(scale+": S3 requests per node per blob", "%.2f").withGoal(3)
 	scaleWall := b.table.add(scale+": time until all warm (s)", "%.2f").informational()
 	scaleRSS := b.table.add(scale+": berth prewarm peak RSS (MiB)", "%.1f").informational()
-	for _, r := range []*row{up, naiveUp, wall, one, ratio, naiveWall, reqs, hotUp, hotS3, hotRatio, again, scaleUp, scaleReqs, scaleWall, scaleRSS} {
+	coordWall := b.table.add(scale+": berth coordinator: time until all warm (s)", "%.2f").informational()
+	coordRSS := b.table.add(scale+": berth coordinator peak RSS (MiB)", "%.1f").informational()
+	for _, r := range []*row{up, naiveUp, wall, one, ratio, naiveWall, reqs, hotUp, hotS3, hotRatio, again, scaleUp, scaleReqs, scaleWall, scaleRSS, coordWall, coordRSS} {
 		r.dist.note = "not run"
 	}
 	for rep := range o.reps {
@@ -141,7 +155,7 @@ func (b *bench) scenarioPrewarm(ctx context.Context) error {
 			b.fail(&up.berth, fmt.Sprintf("prewarm, repetition %d", rep+1), err)
 		}
 	}
-	if err := b.prewarmScaleRound(ctx, scaleUp, scaleReqs, scaleWall, scaleRSS); err != nil {
+	if err := b.prewarmScaleRound(ctx, scaleUp, scaleReqs, scaleWall, scaleRSS, coordWall, coordRSS); err != nil {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -234,8 +248,9 @@ func (b *bench) prewarmRep(ctx context.Context, rep, n int, ref string, up, naiv
 	return nil
 }
 
-// prewarmScaleRound warms many nodes with a small image.
-func (b *bench) prewarmScaleRound(ctx context.Context, up, reqs, wall, rss *row) error {
+// prewarmScaleRound warms many nodes with a small image, with berth
+// prewarm, then with another small image through a berth coordinator.
+func (b *bench) prewarmScaleRound(ctx context.Context, up, reqs, wall, rss, coordWall, coordRSS *row) error {
 	o := b.opt
 	// A seed of its own: the small image shares no layer with the test image.
 	img, err := pushImage(ctx, b.up.addr, smallRepo, o.layers, o.prewarmSmall, uint64(time.Now().UnixNano())^0x5a5a)
@@ -261,5 +276,55 @@ func (b *bench) prewarmScaleRound(ctx context.Context, up, reqs, wall, rss *row)
 	reqs.berth.add(float64(res.s3.reads()+res.s3.writes()) / float64(o.prewarmScale*img.blobs))
 	wall.berth.add(res.wall.Seconds())
 	rss.berth.add(float64(res.maxRSS) / 1024)
+	if err := b.prewarmCoordinatorRound(ctx, nodes, &f, coordWall, coordRSS); err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		// The berth prewarm rows above stand; only the coordinator's fail.
+		b.fail(&coordWall.berth, "prewarm scale round, coordinator", err)
+	}
+	return nil
+}
+
+// smallCoordRepo is the small image the coordinator warms in the scale
+// round: the same shape as smallRepo, other layers, so the nodes that hold
+// smallRepo still have the whole job to do.
+const smallCoordRepo = "bench/small-coordinator"
+
+// prewarmCoordinatorRound runs a berth coordinator over the nodes (a static
+// list, their bucket and prefix), hands it a job with berth prewarm
+// --coordinator and reports the coordinator's peak memory.
+func (b *bench) prewarmCoordinatorRound(ctx context.Context, nodes []*server, f *fleetBucket, wall, rss *row) error {
+	o := b.opt
+	img, err := pushImage(ctx, b.up.addr, smallCoordRepo, o.layers, o.prewarmSmall, uint64(time.Now().UnixNano())^0xc00d)
+	if err != nil {
+		return err
+	}
+	coord, err := b.launch(ctx, "coordinator", "/healthz", func(dir, addr string) (*exec.Cmd, error) {
+		cmd := exec.Command(b.opt.berthBin, "coordinator", "--listen", addr,
+			"--s3-bucket", f.bucket, "--s3-prefix", f.prefix, "--s3-endpoint", f.endpoint,
+			"--s3-path-style=true", "--s3-region", f.region,
+			"--nodes", nodeURLs(nodes), "--log-level", "warn")
+		cmd.Env = append(cleanEnv("BERTH_", "AWS_"), f.awsEnv()...)
+		return cmd, nil
+	})
+	if err != nil {
+		return err
+	}
+	defer coord.stop()
+	res, err := b.runPrewarmVia(ctx, []string{"--coordinator", coord.url()}, upstreamName+"/"+smallCoordRepo+":"+imageTag, 16)
+	if err != nil {
+		return fmt.Errorf("through the coordinator: %w\n%s", err, coord.p.logTail())
+	}
+	// The kernel's high-water mark covers the coordinator's whole life:
+	// start, discovery, the job and following it.
+	_, hwm, err := memKiB(coord.p.pid())
+	if err != nil {
+		return fmt.Errorf("coordinator memory: %w", err)
+	}
+	b.logf("prewarm scale, coordinator: %d nodes warm in %.2f s, upstream sent %.3f × the image; S3 (the coordinator's job and lease records and polls too): %d reads, %d writes, %d blob reads; coordinator peak RSS %.1f MiB",
+		len(nodes), res.wall.Seconds(), float64(res.upstream)/float64(img.bytes), res.s3.reads(), res.s3.writes(), res.s3.blobReads, float64(hwm)/1024)
+	wall.berth.add(res.wall.Seconds())
+	rss.berth.add(float64(hwm) / 1024)
 	return nil
 }
