@@ -78,11 +78,7 @@ func TestStatBlobDuringDownloadAsksNoUpstream(t *testing.T) {
 	e := newTestEngine(t, u, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	b, err := e.Blob(ctx, e.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	b := e.open(t, ctx, d, "")
 	size, err := e.StatBlob(ctx, e.repo, d)
 	if err != nil || size != int64(len(content)) {
 		t.Fatalf("StatBlob during download: %d, %v", size, err)
@@ -416,14 +412,7 @@ func TestFleetStreamsFromTheLeaseHolder(t *testing.T) {
 	defer cancel()
 	f := startFetching(t, ctx, 52)
 	waiter := newTestEngine(t, f.u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = f.bucket.Host("waiter") })
-	wb, err := waiter.Blob(ctx, waiter.repo, f.d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wb.Close()
-	if wb.Source != "peer" {
-		t.Fatalf("waiter's source %q, want peer", wb.Source)
-	}
+	wb := waiter.open(t, ctx, f.d, "peer")
 	close(f.gate)
 	got, err := io.ReadAll(wb)
 	if err != nil || !bytes.Equal(got, f.content) {
@@ -522,21 +511,10 @@ func TestFleetWaiterAsksAHolderNotYetDownloadingAgain(t *testing.T) {
 	t.Cleanup(notYet.Close)
 	bucket := storage.NewMemory(storage.MemoryOptions{Holder: notYet.URL})
 	holder = newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket, o.Advertise = bucket, notYet.URL })
-	hb, err := holder.Blob(ctx, holder.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hb.Close()
+	holder.open(t, ctx, d, "")
 	view := bucket.Host("waiter")
 	waiter := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = view })
-	wb, err := waiter.Blob(ctx, waiter.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wb.Close()
-	if wb.Source != "peer" {
-		t.Fatalf("waiter's source %q, want peer", wb.Source)
-	}
+	wb := waiter.open(t, ctx, d, "peer")
 	if n := view.Requests("StatBlob"); n != 0 {
 		t.Fatalf("waiter polled the bucket %d times, want 0: the holder was asked again first", n)
 	}

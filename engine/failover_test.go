@@ -73,19 +73,8 @@ func TestFailoverWhenThePeerDiesMidStream(t *testing.T) {
 	waiter := newTestEngine(t, u, func(o *Options, _ *storage.LocalOptions) { o.Bucket = bucket.Host("waiter") })
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	hb, err := holder.Blob(ctx, holder.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hb.Close()
-	wb, err := waiter.Blob(ctx, waiter.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wb.Close()
-	if wb.Source != "peer" {
-		t.Fatalf("waiter's source %q, want peer", wb.Source)
-	}
+	holder.open(t, ctx, d, "")
+	wb := waiter.open(t, ctx, d, "peer")
 	head := make([]byte, 512<<10)
 	if _, err := io.ReadFull(wb, head); err != nil {
 		t.Fatal(err)
@@ -238,11 +227,7 @@ func TestFailoverOneSurvivorFetchesForTheOthers(t *testing.T) {
 	c = host(pc, bucket.Host(pc.URL))
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	ab, err := a.Blob(ctx, a.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ab.Close()
+	a.open(t, ctx, d, "")
 	var readers []*Blob
 	for _, e := range []*testEngine{b, c} {
 		r, err := e.Blob(ctx, e.repo, d)

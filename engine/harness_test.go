@@ -159,6 +159,21 @@ func newTestEngine(t *testing.T, u *upstreamFake, mod func(*Options, *storage.Lo
 	return &testEngine{Engine: e, reg: reg, local: local, root: root, repo: Repo{Upstream: "upstream.test", Name: "org/app"}}
 }
 
+// open opens blob d through the engine, closed when the test ends; with
+// source set, it must come from there ("peer", "s3", ...).
+func (e *testEngine) open(t *testing.T, ctx context.Context, d digest.Digest, source string) *Blob {
+	t.Helper()
+	b, err := e.Blob(ctx, e.repo, d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
+	if source != "" && b.Source != source {
+		t.Fatalf("source %q, want %s", b.Source, source)
+	}
+	return b
+}
+
 // read reads blob d whole through the engine.
 func (e *testEngine) read(t *testing.T, d digest.Digest) ([]byte, error) {
 	t.Helper()

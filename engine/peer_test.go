@@ -71,19 +71,8 @@ func TestPeerTransportCarriesTheCredential(t *testing.T) {
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
-	hb, err := holder.Blob(ctx, holder.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hb.Close()
-	wb, err := waiter.Blob(ctx, waiter.repo, d)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer wb.Close()
-	if wb.Source != "peer" {
-		t.Fatalf("waiter's source %q, want peer", wb.Source)
-	}
+	holder.open(t, ctx, d, "")
+	wb := waiter.open(t, ctx, d, "peer")
 	close(gate)
 	if got, err := io.ReadAll(wb); err != nil || !bytes.Equal(got, content) {
 		t.Fatalf("waiter read %d bytes, %v", len(got), err)
