@@ -40,14 +40,15 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 		return e.openUpstreamBlob(ctx, key, up, repo)
 	}
 	if hint.holder != "" && hint.holder != f.self {
-		if src, err := e.openPeerAt(ctx, hint.holder, key, repo, 0); err == nil {
-			f.avoided.WithLabelValues("blob").Inc()
+		if src, err := e.fromPeer(ctx, hint.holder, key, repo); err == nil {
 			return src, nil
 		}
 	}
 	if hint.lookup {
-		if src, ok := e.openHolder(ctx, b, key, repo); ok {
-			return src, nil
+		if holder := e.leaseHolderURL(ctx, b, key); holder != "" {
+			if src, err := e.fromPeer(ctx, holder, key, repo); err == nil {
+				return src, nil
+			}
 		}
 	}
 	waited := false
@@ -103,9 +104,8 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 		}
 		retryPeer := ""
 		if held != nil && isURL(held.Holder) && held.Holder != f.self {
-			src, err := e.openPeerAt(ctx, held.Holder, key, repo, 0)
+			src, err := e.fromPeer(ctx, held.Holder, key, repo)
 			if err == nil {
-				f.avoided.WithLabelValues("blob").Inc()
 				return src, nil
 			}
 			if errors.Is(err, errPeerNotYet) {
@@ -140,7 +140,7 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 		var fromPeer source
 		poll(ctx, time.Now().Add(f.leaseTTL/2), func() bool {
 			if retryPeer != "" {
-				src, err := e.openPeerAt(ctx, retryPeer, key, repo, 0)
+				src, err := e.fromPeer(ctx, retryPeer, key, repo)
 				if err == nil {
 					fromPeer = src
 					return true
@@ -153,7 +153,6 @@ func (e *Engine) openSource(ctx context.Context, key storage.Key, up *upstream, 
 			return !errors.Is(err, storage.ErrNotFound) // there now, or S3 failing: the next round finds out
 		})
 		if fromPeer.body != nil {
-			f.avoided.WithLabelValues("blob").Inc()
 			return fromPeer, nil
 		}
 		if ctx.Err() != nil {
@@ -186,21 +185,14 @@ func (e *Engine) leaseHolderURL(ctx context.Context, b storage.Bucket, key stora
 	return holder
 }
 
-// openHolder streams a blob from the host whose lease says it is fetching
-// it, found with one read of the lease, where the usual way costs a bucket
-// miss and a failed lease write before that read. False when the lease is
-// free or its holder cannot serve the blob: the caller looks as usual.
-func (e *Engine) openHolder(ctx context.Context, b storage.Bucket, key storage.Key, repo string) (source, bool) {
-	holder := e.leaseHolderURL(ctx, b, key)
-	if holder == "" {
-		return source{}, false
-	}
+// fromPeer streams a whole blob from the berth at holder, counted as a
+// bucket read avoided.
+func (e *Engine) fromPeer(ctx context.Context, holder string, key storage.Key, repo string) (source, error) {
 	src, err := e.openPeerAt(ctx, holder, key, repo, 0)
-	if err != nil {
-		return source{}, false
+	if err == nil {
+		e.fleet.avoided.WithLabelValues("blob").Inc()
 	}
-	e.fleet.avoided.WithLabelValues("blob").Inc()
-	return src, true
+	return src, err
 }
 
 // poll checks cond at growing intervals until it holds, ctx ends or
